@@ -1,0 +1,180 @@
+"""The ``maxmin-inspect`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+DEFAULT_MODELS = "baseline,maxmin,maxmin_half"
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "maxmin-inspect"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 0.5, got {value}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="maxmin-inspect",
+        description="Is the MaxMin CNN worth its cost on your part images? Train, compare, serve.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train the models on a folder of labelled images and write the PoC report",
+        description="Train every model under identical conditions (same split, seeds, budget) "
+        "and write report.json, report.html and checkpoints to the run directory.",
+    )
+    t.add_argument("data", type=Path, help="folder of <class>/<image> (optionally train/ and "
+                   "test/ inside), or a CSV manifest with columns path,label[,split]")
+    t.add_argument("--models", default=DEFAULT_MODELS,
+                   help=f"comma-separated architectures (default: {DEFAULT_MODELS})")
+    t.add_argument("--size", type=_positive_int, default=64,
+                   help="square input size in pixels (default: 64)")
+    t.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
+                   help="1 (grey) or 3 (colour); auto uses 1 when every image is grey")
+    t.add_argument("--epochs", type=_positive_int, default=30, help="epochs per run (default: 30)")
+    t.add_argument("--seeds", type=_positive_int, default=3,
+                   help="runs per model with different seeds (default: 3)")
+    t.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default: 32)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 0.001)")
+    t.add_argument("--augment", default="shift,hflip",
+                   help="comma-separated from shift, hflip, vflip, or 'none' (default: shift,hflip; "
+                   "drop hflip when a mirrored part means something else)")
+    t.add_argument("--val-fraction", type=_fraction, default=0.15)
+    t.add_argument("--test-fraction", type=_fraction, default=0.15,
+                   help="ignored when the data has its own test/ folder")
+    t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    t.add_argument("--out", type=Path, default=None,
+                   help="run directory (default: runs/<date-time>)")
+    t.add_argument("--cache-dir", type=Path, default=_default_cache(),
+                   help="where decoded datasets are cached (default: %(default)s)")
+    t.add_argument("--no-cache", action="store_true", help="decode again and write no cache")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="re-render report.html from a run's report.json",
+                       description="Re-render report.html from the report.json in RUN_DIR.")
+    r.add_argument("run_dir", type=Path, help="a run directory written by 'train'")
+
+    d = sub.add_parser("demo-data", help="generate a synthetic parts dataset",
+                       description="Write synthetic metal-surface images (good, scratch, dent, "
+                       "spots) as <class>/<image>.png, for trying the product without own data.")
+    d.add_argument("dir", type=Path, help="output folder")
+    d.add_argument("--per-class", type=_positive_int, default=150,
+                   help="images per class (default: 150)")
+    d.add_argument("--image-size", type=_positive_int, default=96,
+                   help="side of each image in pixels (default: 96)")
+    d.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.engine import TrainConfig
+    from training.poc import PocConfig, run_poc
+
+    augment = tuple(a.strip() for a in args.augment.split(",") if a.strip() and a.strip() != "none")
+    unknown = set(augment) - {"shift", "hflip", "vflip"}
+    if unknown:
+        raise ValueError(f"unknown augmentation {', '.join(sorted(unknown))}; use shift, hflip, vflip or none")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.val_fraction + args.test_fraction >= 0.8:
+        raise ValueError("--val-fraction and --test-fraction leave too little for training")
+    out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    cfg = PocConfig(
+        data=str(args.data),
+        out=str(out),
+        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        size=args.size,
+        channels=args.channels,
+        seeds=args.seeds,
+        split_seed=args.split_seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        device=args.device,
+        cache_dir=None if args.no_cache else str(args.cache_dir),
+        train=TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=augment
+        ),
+        progress=not args.quiet,
+    )
+    run_dir = run_poc(cfg)
+    import json
+
+    report = json.loads((run_dir / "report.json").read_text())
+    print()
+    print(report["verdict"])
+    print()
+    for name, m in report["models"].items():
+        acc, std = m["accuracy"]["mean"], m["accuracy"]["std"]
+        spread = f" ± {std * 100:.1f}" if std is not None else ""
+        shown = "diverged" if acc is None else f"{acc * 100:.1f}%{spread}"
+        print(f"  {name:<12} accuracy {shown:<16} params {m['params']:>9,}")
+    print(f"\nReport: {run_dir / 'report.html'}")
+    print(f"        {run_dir / 'report.json'}")
+    print(f"Checkpoints: {run_dir / 'checkpoints'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from training.report import rerender
+
+    print(f"Wrote {rerender(args.run_dir)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from training.demo import make_demo_dataset
+
+    out = make_demo_dataset(args.dir, per_class=args.per_class, size=args.image_size, seed=args.seed)
+    print(f"Wrote {args.per_class} images per class to {out}")
+    return 0
+
+
+COMMANDS = {"train": _train, "report": _report, "demo-data": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script: clear messages and a non-zero exit on bad input."""
+    from training.checkpoint import CheckpointError
+    from training.data import DataError
+
+    args = get_args_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"maxmin-inspect {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

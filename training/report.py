@@ -1,0 +1,123 @@
+"""The HTML side of the PoC report: one self-contained page, charts inline as SVG.
+
+It is rendered from report.json alone, so ``maxmin-inspect report RUN_DIR`` can re-render it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+
+COLORS = {"baseline": "#4c72b0", "maxmin": "#dd8452", "maxmin_half": "#55a868"}
+
+
+def _svg(fig: plt.Figure) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def accuracy_cost_chart(report: dict[str, Any]) -> str:
+    """Test accuracy (mean, with the spread over seeds) against parameters and latency."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, m in report["models"].items():
+        acc = m["accuracy"]
+        if acc["mean"] is None:
+            continue
+        err = (acc["std"] or 0) * 100
+        for ax, x in zip(axes, (m["params"], m["latency_p50_ms"]), strict=True):
+            ax.errorbar(x, acc["mean"] * 100, yerr=err, fmt="o", capsize=4, ms=8,
+                        color=COLORS.get(name), label=name)
+            ax.annotate(name, (x, acc["mean"] * 100), textcoords="offset points", xytext=(6, 6))
+    axes[0].set_xlabel("parameters")
+    axes[1].set_xlabel(f"latency p50, batch 1 (ms, {next(iter(report['models'].values()))['latency_device']})")
+    for ax in axes:
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy versus cost (mean ± std over seeds)")
+    return _svg(fig)
+
+
+def curves_chart(report: dict[str, Any]) -> str:
+    """Training loss and validation accuracy per epoch, every seed drawn thin, the mean thick."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, m in report["models"].items():
+        color = COLORS.get(name)
+        for key, ax in (("train_loss", axes[0]), ("val_accuracy", axes[1])):
+            series = [c[key] for c in m["curves"] if c[key]]
+            for s in series:
+                ax.plot(range(1, len(s) + 1), s, color=color, alpha=0.25, lw=1)
+            n = min((len(s) for s in series), default=0)
+            if n:
+                mean = [sum(s[i] for s in series) / len(series) for i in range(n)]
+                ax.plot(range(1, n + 1), mean, color=color, lw=2, label=name)
+    axes[0].set_title("training loss")
+    axes[1].set_title("validation accuracy")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    return _svg(fig)
+
+
+def confusion_chart(name: str, matrix: list[list[int]], classes: list[str]) -> str:
+    """A confusion matrix as a heat map with counts (rows: true class, columns: predicted)."""
+    size = max(3.0, 0.55 * len(classes) + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    top = max((max(r) for r in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center",
+                    color="white" if v > top / 2 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(name)
+    return _svg(fig)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """The report page as one HTML string."""
+    env = Environment(loader=PackageLoader("training", "templates"), autoescape=select_autoescape())
+    env.filters["pct"] = lambda v: "n/a" if v is None else f"{v * 100:.1f}%"
+    env.filters["pts"] = lambda v: "n/a" if v is None else f"{v * 100:+.1f}"
+    charts = {
+        "cost": accuracy_cost_chart(report),
+        "curves": curves_chart(report),
+        "confusion": {
+            name: confusion_chart(name, m["confusion_matrix"], report["dataset"]["classes"])
+            for name, m in report["models"].items()
+        },
+    }
+    return env.get_template("report.html").render(r=report, charts=charts)
+
+
+def write_html(report: dict[str, Any], path: Path) -> Path:
+    """Render ``report`` to ``path``."""
+    Path(path).write_text(render_html(report), encoding="utf-8")
+    return Path(path)
+
+
+def rerender(run_dir: Path) -> Path:
+    """Re-render report.html from the report.json in ``run_dir``."""
+    run_dir = Path(run_dir)
+    src = run_dir / "report.json"
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} not found: is {run_dir} a run directory?")
+    try:
+        report = json.loads(src.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{src} is not valid JSON: {exc}") from None
+    return write_html(report, run_dir / "report.html")
