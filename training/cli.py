@@ -76,6 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", type=Path, default=_default_cache(),
                    help="where decoded datasets are cached (default: %(default)s)")
     t.add_argument("--no-cache", action="store_true", help="decode again and write no cache")
+    t.add_argument("--latency-seconds", type=float, default=2.0,
+                   help="time spent measuring each model's latency (default: 2)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     r = sub.add_parser("report", help="re-render report.html from a run's report.json",
@@ -122,6 +124,7 @@ def _train(args: argparse.Namespace) -> int:
         train=TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=augment
         ),
+        latency_budget_s=args.latency_seconds,
         progress=not args.quiet,
     )
     run_dir = run_poc(cfg)

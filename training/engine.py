@@ -247,10 +247,17 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    if diverged is None and train_loss and train_loss[-1] >= 0.95 * math.log(num_classes):
+    majority = float(torch.bincount(val_labels, minlength=num_classes).max()) / max(len(val_labels), 1)
+    if (
+        diverged is None
+        and train_loss
+        and train_loss[-1] >= 0.95 * math.log(num_classes)
+        and best_acc <= majority + 0.01
+    ):
         diverged = (
-            f"training loss stayed at chance level ({train_loss[-1]:.3f} vs "
-            f"ln({num_classes}) = {math.log(num_classes):.3f})"
+            f"stuck at chance level: training loss {train_loss[-1]:.3f} vs "
+            f"ln({num_classes}) = {math.log(num_classes):.3f}, best validation accuracy "
+            f"{best_acc:.3f} vs {majority:.3f} for always guessing the largest class"
         )
     if best_state is not None:
         model.load_state_dict(best_state)

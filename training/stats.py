@@ -32,7 +32,8 @@ def paired_difference_ci(
         return {"mean": mean, "low": None, "high": None, "n": n}
     sem = float(diff.std(ddof=1)) / math.sqrt(n)
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sem
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+    # An accuracy difference lies in [-1, 1] whatever a small-sample interval says.
+    return {"mean": mean, "low": max(mean - half, -1.0), "high": min(mean + half, 1.0), "n": n}
 
 
 def mcnemar(model_correct: np.ndarray, baseline_correct: np.ndarray) -> dict[str, float | int]:

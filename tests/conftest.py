@@ -1,0 +1,59 @@
+"""Shared fixtures: small generated image folders, the NEU data path, the test device."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.demo import make_image
+
+REPO = Path(__file__).resolve().parents[1]
+NEU_DIR = Path(os.environ.get("MAXMIN_NEU_DIR", REPO.parent / "shared" / "datasets" / "neu_surface"))
+
+
+def write_folder(root: Path, per_class: dict[str, int], size: int = 32, seed: int = 0,
+                 fmt: str = "png", easy: bool = False) -> Path:
+    """Write ``per_class[name]`` generated surface images into ``root/<name>/``.
+
+    ``easy`` makes classes differ in brightness, learnable in a handful of steps.
+    """
+    rng = np.random.default_rng(seed)
+    kinds = ["good", "scratch", "dent", "spots"]
+    for k, (name, n) in enumerate(per_class.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            if easy:
+                pixels = rng.normal(40 + 70 * k, 15, (size, size)).clip(0, 255).astype(np.uint8)
+                img = Image.fromarray(pixels, mode="L")
+            else:
+                img = make_image(kinds[k % len(kinds)], rng, size)
+            img.save(root / name / f"{name}_{i}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def small_folder(tmp_path: Path) -> Path:
+    """Three classes of 10 generated images each."""
+    return write_folder(tmp_path / "parts", {"good": 10, "scratch": 10, "dent": 10})
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the model tests run on: MAXMIN_TEST_DEVICE, else CUDA when present."""
+    name = os.environ.get("MAXMIN_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def neu_dir() -> Path:
+    """The NEU surface-defect images; CI sets MAXMIN_REQUIRE_NEU=1 so that a missing copy fails."""
+    if not NEU_DIR.is_dir():
+        if os.environ.get("MAXMIN_REQUIRE_NEU") == "1":
+            pytest.fail(f"NEU data not found at {NEU_DIR} (MAXMIN_REQUIRE_NEU=1)")
+        pytest.skip(f"NEU data not found at {NEU_DIR}; set MAXMIN_NEU_DIR to run this test")
+    return NEU_DIR

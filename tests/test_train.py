@@ -1,0 +1,144 @@
+"""A whole ``train`` run on a small generated folder, the report contract, checkpoints, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import write_folder
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.cli import main
+from training.data import load_dataset
+from training.engine import TrainConfig, fit
+
+FAST = ["--size", "24", "--epochs", "4", "--batch-size", "8", "--seeds", "2", "--latency-seconds", "0.2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("poc")
+    data = write_folder(root / "parts", {"good": 14, "scratch": 14, "dent": 8}, easy=True)
+    (data / "good" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = root / "run"
+    assert main(["train", str(data), "--out", str(out), "--cache-dir", str(root / "c"), *FAST]) == 0
+    return out
+
+
+def test_report_meets_the_contract(run_dir: Path) -> None:
+    r = json.loads((run_dir / "report.json").read_text())
+    ds = r["dataset"]
+    assert ds["classes"] == ["dent", "good", "scratch"]
+    assert set(ds["counts"]) == {"train", "val", "test"}
+    assert sum(sum(c.values()) for c in ds["counts"].values()) == 36
+    assert ds["skipped"][0]["path"].endswith("broken.jpg")
+    assert {"image_sizes", "duplicates", "fingerprint"} <= set(ds)
+    assert set(r["models"]) == {"baseline", "maxmin", "maxmin_half"}
+    for name, m in r["models"].items():
+        assert m["arch"] == name
+        assert m["params"] > 0 and m["flops"] > 0 and m["weights_bytes"] > 0
+        assert m["peak_memory_bytes"] >= 0 and m["train_seconds"]["total"] > 0
+        for metric in ("accuracy", "macro_f1"):
+            assert len(m[metric]["per_seed"]) == 2
+            assert all(0 <= v <= 1 for v in m[metric]["per_seed"])
+        assert set(m["per_class"]) == set(ds["classes"])
+        assert {"precision", "recall", "f1"} <= set(m["per_class"]["good"])
+        n_test = sum(ds["counts"]["test"].values())
+        assert sum(map(sum, m["confusion_matrix"])) == n_test * (2 - len(m["diverged"]))
+        assert len(m["curves"]) == 2 and len(m["curves"][0]["val_accuracy"]) == 4
+        assert m["latency_ms"]["cpu"]["p50"] > 0 and m["latency_ms"]["cpu"]["p99"] > 0
+        assert m["throughput"]["cpu"] > 0
+    assert r["models"]["maxmin"]["params"] > 1.8 * r["models"]["baseline"]["params"]
+    for name in ("maxmin", "maxmin_half"):
+        c = r["comparison"][name]
+        assert {"mean", "low", "high"} <= set(c["accuracy_difference"])
+        assert len(c["mcnemar"]) == 2 and 0 <= c["mcnemar"][0]["p_value"] <= 1
+        assert math.isclose(c["params_ratio"],
+                            r["models"][name]["params"] / r["models"]["baseline"]["params"])
+        assert c["latency_ratio"] > 0 and c["train_time_ratio"] > 0
+    assert isinstance(r["verdict"], str) and len(r["verdict"]) > 20
+
+
+def test_html_report_is_self_contained(run_dir: Path) -> None:
+    html = (run_dir / "report.html").read_text()
+    assert html.count("<svg") >= 5  # cost, curves, three confusion matrices
+    assert "broken.jpg" in html and "Verdict" in html
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing loaded from outside
+    (run_dir / "report.html").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.html").read_text().count("<svg") >= 5
+
+
+def test_checkpoint_rebuilds_and_predicts_like_training(run_dir: Path) -> None:
+    r = json.loads((run_dir / "report.json").read_text())
+    ckpt = run_dir / r["models"]["maxmin"]["checkpoint"]
+    model, meta = load_checkpoint(ckpt)
+    assert meta["classes"] == r["dataset"]["classes"] and meta["image_size"] == 24
+    assert meta["data_fingerprint"] == r["dataset"]["fingerprint"]
+    assert {"arch", "model_kwargs", "normalization", "metrics", "created_at"} <= set(meta)
+    out = model(torch.zeros(1, meta["channels"], 24, 24))
+    assert out.shape == (1, 3)
+
+
+def test_tampered_checkpoint_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    src = run_dir / "checkpoints" / "baseline-seed0"
+    for ext in (".json", ".safetensors"):
+        (tmp_path / f"b{ext}").write_bytes(src.with_suffix(ext).read_bytes())
+    weights = tmp_path / "b.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="altered or replaced"):
+        load_checkpoint(tmp_path / "b")
+    # Metadata that names another architecture does not fit the weights.
+    weights.write_bytes(src.with_suffix(".safetensors").read_bytes())
+    meta = json.loads((tmp_path / "b.json").read_text())
+    meta["arch"] = "maxmin"
+    (tmp_path / "b.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not fit its metadata"):
+        load_checkpoint(tmp_path / "b")
+
+
+def test_divergence_is_detected_and_excluded(small_folder: Path) -> None:
+    ds = load_dataset(small_folder, size=16, progress=False)
+    splits = {s: (ds.images[ds.indices(s)], ds.labels[ds.indices(s)]) for s in ("train", "val", "test")}
+    mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std).view(1, -1, 1, 1)
+    kwargs = {"num_classes": 3, "in_channels": 1, "image_size": 16}
+    res = fit("baseline", kwargs, splits, mean, std, 0, TrainConfig(epochs=3, lr=1e6, device="cpu"))
+    assert res.diverged is not None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "{tmp}/nope"], "nope does not exist"),
+        (["train", "{data}", "--models", "baseline,vgg"], "unknown model 'vgg'"),
+        (["train", "{data}", "--augment", "rotate"], "unknown augmentation rotate"),
+        (["train", "{data}", "--device", "tpu"], "unknown device 'tpu'"),
+        (["report", "{tmp}"], "report.json not found"),
+    ],
+)
+def test_cli_errors_are_clear(argv: list[str], message: str, small_folder: Path, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a.format(tmp=tmp_path, data=small_folder) for a in argv]
+    assert main([*argv, "--quiet"] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_rejects_bad_numbers(capsys: pytest.CaptureFixture[str], small_folder: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(small_folder), "--epochs", "0"])
+    assert exc.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_demo_data_command(tmp_path: Path) -> None:
+    assert main(["demo-data", str(tmp_path / "d"), "--per-class", "3", "--image-size", "32"]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["dent", "good", "scratch", "spots"]
+    assert len(list((tmp_path / "d" / "spots").glob("*.png"))) == 3
