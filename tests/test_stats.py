@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
@@ -46,7 +44,7 @@ def _report(mean: float, low: float | None, high: float | None, half_low: float 
 def test_verdict_claims_a_gain_only_when_the_interval_is_above_zero() -> None:
     assert "real gain" in verdict(*_report(0.03, 0.01, 0.05))
     unsure = verdict(*_report(0.03, -0.01, 0.07))
-    assert "no reliable difference" in unsure and not re.search(r"\bgain", unsure)
+    assert "no reliable difference" in unsure and "real gain" not in unsure
     assert "worse" in verdict(*_report(-0.03, -0.05, -0.01))
     assert "single seed" in verdict(*_report(0.03, None, None))
     assert "from MaxMin itself" in verdict(*_report(0.03, 0.01, 0.05, half_low=0.005))

@@ -78,6 +78,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-cache", action="store_true", help="decode again and write no cache")
     t.add_argument("--latency-seconds", type=float, default=2.0,
                    help="time spent measuring each model's latency (default: 2)")
+    t.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice, one per core); "
+                   "lower it when other work shares the machine: oversubscribed cores slow "
+                   "training several-fold")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     r = sub.add_parser("report", help="re-render report.html from a run's report.json",
@@ -108,6 +112,10 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if args.val_fraction + args.test_fraction >= 0.8:
         raise ValueError("--val-fraction and --test-fraction leave too little for training")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg = PocConfig(
         data=str(args.data),

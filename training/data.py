@@ -170,7 +170,7 @@ def _read(entry: Entry, size: int) -> tuple[str, object, tuple[int, int] | None,
         img = decode_image(data, draft_size=size)
     except ImageError as exc:
         return digest, str(exc), None, None
-    return digest, img, img.size, is_grey(img)
+    return digest, img, img.info.get("original_size", img.size), is_grey(img)
 
 
 def _stratified_split(

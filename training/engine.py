@@ -206,6 +206,8 @@ def fit(
 ) -> RunResult:
     """Train ``arch`` with ``seed``; keep the weights of the epoch with the best validation accuracy."""
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     torch.manual_seed(seed)
     model = create_model(arch, **model_kwargs).to(device)
     if device.type == "cpu":

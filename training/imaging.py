@@ -45,6 +45,7 @@ def decode_image(
             if draft_size is not None and img.format == "JPEG":
                 img.draft(img.mode, (draft_size, draft_size))
             img.load()
+            img.info["original_size"] = (width, height)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -59,8 +60,17 @@ def decode_image(
 
 
 def is_grey(img: Image.Image) -> bool:
-    """True when the image carries one intensity channel (grey or binary)."""
-    return img.mode in GREY_MODES
+    """True when the image carries one intensity: a grey mode, or colour with equal channels.
+
+    Many cameras and datasets save grey images as RGB (NEU does); treating those as colour would
+    triple the first layer's inputs for nothing. A tolerance of 2 levels absorbs JPEG rounding.
+    """
+    if img.mode in GREY_MODES:
+        return True
+    if img.mode not in ("RGB", "YCbCr"):
+        return False
+    arr = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return bool(np.abs(arr[..., 0] - arr[..., 1]).max() <= 2 and np.abs(arr[..., 1] - arr[..., 2]).max() <= 2)
 
 
 def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:

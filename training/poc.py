@@ -328,6 +328,7 @@ def verdict(models: dict[str, Any], comparison: dict[str, Any]) -> str:
     if d["high"] < 0:
         return f"{head} ({ci}): MaxMin is worse on this data; keep the plain CNN."
     return (
-        f"{head} ({ci}): no reliable difference on this data, so the extra cost "
-        f"({cost}) is not justified; keep the plain CNN."
+        f"{head} ({ci}): no reliable difference on this data, since the interval includes zero; "
+        f"at {cost}, MaxMin has not earned its cost, so keep the plain CNN unless more seeds or "
+        "more images show a gain."
     )
