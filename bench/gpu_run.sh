@@ -12,7 +12,7 @@ echo "== GPU tests"
 MAXMIN_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider \
     tests/test_layers.py tests/test_models.py tests/test_train.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
 echo "== full NEU PoC on CUDA (3 models x 3 seeds, 64 px, default budget)"
-/usr/bin/time -v python3 -m training.cli train "$NEU" --device cuda --out "$OUT/neu-gpu" \
+python3 -m training.cli train "$NEU" --device cuda --out "$OUT/neu-gpu" \
     --cache-dir "$OUT/cache" --quiet 2>&1 | tee "$OUT/train.txt" | tail -12
 echo "== again, decoding from cache"
 python3 -m training.cli train "$NEU" --device cuda --out "$OUT/neu-gpu-cached" \
