@@ -37,8 +37,12 @@ def table(run_dir: Path) -> str:
             f"| {lat['p50']:.2f} / {lat['p99']:.2f} | {m['throughput'][dev]:.0f} "
             f"| {m['peak_memory_bytes'] / 1e6:.1f} |"
         )
-    lines += ["", "| against baseline | accuracy difference, points (95% CI) | McNemar p<0.05 seeds "
-              "| params | latency | train time |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| against baseline | accuracy difference, points (95% CI) | McNemar p<0.05 seeds "
+        "| params | latency | train time |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, c in r["comparison"].items():
         d = c["accuracy_difference"]
         ci = "n/a" if d["low"] is None else f"{d['low'] * 100:+.1f} to {d['high'] * 100:+.1f}"

@@ -13,11 +13,19 @@ from PIL import Image
 from training.demo import make_image
 
 REPO = Path(__file__).resolve().parents[1]
-NEU_DIR = Path(os.environ.get("MAXMIN_NEU_DIR", REPO.parent / "shared" / "datasets" / "neu_surface"))
+NEU_DIR = Path(
+    os.environ.get("MAXMIN_NEU_DIR", REPO.parent / "shared" / "datasets" / "neu_surface")
+)
 
 
-def write_folder(root: Path, per_class: dict[str, int], size: int = 32, seed: int = 0,
-                 fmt: str = "png", easy: bool = False) -> Path:
+def write_folder(
+    root: Path,
+    per_class: dict[str, int],
+    size: int = 32,
+    seed: int = 0,
+    fmt: str = "png",
+    easy: bool = False,
+) -> Path:
     """Write ``per_class[name]`` generated surface images into ``root/<name>/``.
 
     ``easy`` makes classes differ in brightness, learnable in a handful of steps.

@@ -66,7 +66,9 @@ def test_missing_path_is_named(tmp_path: Path) -> None:
 
 def test_duplicates_are_removed_and_never_straddle_splits(small_folder: Path) -> None:
     for i in range(5):
-        shutil.copy(small_folder / "good" / f"good_{i}.png", small_folder / "good" / f"copy_{i}.png")
+        shutil.copy(
+            small_folder / "good" / f"good_{i}.png", small_folder / "good" / f"copy_{i}.png"
+        )
     # The same bytes under two labels cannot be trusted: both copies are skipped.
     shutil.copy(small_folder / "dent" / "dent_0.png", small_folder / "scratch" / "clash.png")
     ds = load_dataset(small_folder, size=16, progress=False)

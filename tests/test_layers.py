@@ -1,4 +1,4 @@
-"""The MaxMin layer against its formula, its gradient, and the fused pooling against the naive one."""
+"""The MaxMin layer against its formula and gradient; the fused pooling against the naive one."""
 
 from __future__ import annotations
 

@@ -46,8 +46,10 @@ def test_maxmin_doubles_what_the_next_layer_sees() -> None:
     assert count_params(half) <= count_params(base)
 
 
-@pytest.mark.parametrize("kwargs", [{"num_classes": 1}, {"num_classes": 3, "in_channels": 2},
-                                    {"num_classes": 3, "image_size": 4}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_classes": 1}, {"num_classes": 3, "in_channels": 2}, {"num_classes": 3, "image_size": 4}],
+)
 def test_bad_constructor_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         create_model("maxmin", **kwargs)

@@ -24,9 +24,27 @@ def test_train_on_neu_subset(neu_dir: Path, tmp_path: Path) -> None:
         for f in files[:: max(1, len(files) // PER_CLASS)][:PER_CLASS]:
             shutil.copy(f, subset / cls / f.name)
     out = tmp_path / "run"
-    argv = ["train", str(subset), "--out", str(out), "--models", "baseline,maxmin",
-            "--size", "32", "--epochs", "10", "--batch-size", "16", "--seeds", "2",
-            "--latency-seconds", "0.2", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    argv = [
+        "train",
+        str(subset),
+        "--out",
+        str(out),
+        "--models",
+        "baseline,maxmin",
+        "--size",
+        "32",
+        "--epochs",
+        "10",
+        "--batch-size",
+        "16",
+        "--seeds",
+        "2",
+        "--latency-seconds",
+        "0.2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
     assert main(argv) == 0
     r = json.loads((out / "report.json").read_text())
     assert r["dataset"]["classes"] == classes and len(classes) == 6

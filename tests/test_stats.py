@@ -33,11 +33,17 @@ def _report(mean: float, low: float | None, high: float | None, half_low: float 
         "baseline": {"accuracy": {"mean": 0.80}},
         "maxmin": {"accuracy": {"mean": 0.80 + mean}},
     }
-    comp = {"maxmin": {"accuracy_difference": {"mean": mean, "low": low, "high": high, "n": 3},
-                       "params_ratio": 2.0, "latency_ratio": 1.5}}
+    comp = {
+        "maxmin": {
+            "accuracy_difference": {"mean": mean, "low": low, "high": high, "n": 3},
+            "params_ratio": 2.0,
+            "latency_ratio": 1.5,
+        }
+    }
     if half_low is not None:
-        comp["maxmin_half"] = {"accuracy_difference": {"mean": 0.01, "low": half_low,
-                                                       "high": 0.03, "n": 3}}
+        comp["maxmin_half"] = {
+            "accuracy_difference": {"mean": 0.01, "low": half_low, "high": 0.03, "n": 3}
+        }
     return models, comp
 
 

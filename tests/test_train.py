@@ -16,7 +16,19 @@ from training.cli import main
 from training.data import load_dataset
 from training.engine import TrainConfig, fit
 
-FAST = ["--size", "24", "--epochs", "4", "--batch-size", "8", "--seeds", "2", "--latency-seconds", "0.2", "--quiet"]
+FAST = [
+    "--size",
+    "24",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "8",
+    "--seeds",
+    "2",
+    "--latency-seconds",
+    "0.2",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +69,9 @@ def test_report_meets_the_contract(run_dir: Path) -> None:
         c = r["comparison"][name]
         assert {"mean", "low", "high"} <= set(c["accuracy_difference"])
         assert len(c["mcnemar"]) == 2 and 0 <= c["mcnemar"][0]["p_value"] <= 1
-        assert math.isclose(c["params_ratio"],
-                            r["models"][name]["params"] / r["models"]["baseline"]["params"])
+        assert math.isclose(
+            c["params_ratio"], r["models"][name]["params"] / r["models"]["baseline"]["params"]
+        )
         assert c["latency_ratio"] > 0 and c["train_time_ratio"] > 0
     assert isinstance(r["verdict"], str) and len(r["verdict"]) > 20
 
@@ -105,7 +118,9 @@ def test_tampered_checkpoint_is_refused(run_dir: Path, tmp_path: Path) -> None:
 
 def test_divergence_is_detected_and_excluded(small_folder: Path) -> None:
     ds = load_dataset(small_folder, size=16, progress=False)
-    splits = {s: (ds.images[ds.indices(s)], ds.labels[ds.indices(s)]) for s in ("train", "val", "test")}
+    splits = {
+        s: (ds.images[ds.indices(s)], ds.labels[ds.indices(s)]) for s in ("train", "val", "test")
+    }
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.std).view(1, -1, 1, 1)
     kwargs = {"num_classes": 3, "in_channels": 1, "image_size": 16}
@@ -123,8 +138,13 @@ def test_divergence_is_detected_and_excluded(small_folder: Path) -> None:
         (["report", "{tmp}"], "report.json not found"),
     ],
 )
-def test_cli_errors_are_clear(argv: list[str], message: str, small_folder: Path, tmp_path: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_errors_are_clear(
+    argv: list[str],
+    message: str,
+    small_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     argv = [a.format(tmp=tmp_path, data=small_folder) for a in argv]
     assert main([*argv, "--quiet"] if argv[0] == "train" else argv) == 2
     err = capsys.readouterr().err
@@ -140,5 +160,10 @@ def test_cli_rejects_bad_numbers(capsys: pytest.CaptureFixture[str], small_folde
 
 def test_demo_data_command(tmp_path: Path) -> None:
     assert main(["demo-data", str(tmp_path / "d"), "--per-class", "3", "--image-size", "32"]) == 0
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["dent", "good", "scratch", "spots"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "dent",
+        "good",
+        "scratch",
+        "spots",
+    ]
     assert len(list((tmp_path / "d" / "spots").glob("*.png"))) == 3

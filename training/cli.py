@@ -50,52 +50,99 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Train every model under identical conditions (same split, seeds, budget) "
         "and write report.json, report.html and checkpoints to the run directory.",
     )
-    t.add_argument("data", type=Path, help="folder of <class>/<image> (optionally train/ and "
-                   "test/ inside), or a CSV manifest with columns path,label[,split]")
-    t.add_argument("--models", default=DEFAULT_MODELS,
-                   help=f"comma-separated architectures (default: {DEFAULT_MODELS})")
-    t.add_argument("--size", type=_positive_int, default=64,
-                   help="square input size in pixels (default: 64)")
-    t.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
-                   help="1 (grey) or 3 (colour); auto uses 1 when every image is grey")
+    t.add_argument(
+        "data",
+        type=Path,
+        help="folder of <class>/<image> (optionally train/ and "
+        "test/ inside), or a CSV manifest with columns path,label[,split]",
+    )
+    t.add_argument(
+        "--models",
+        default=DEFAULT_MODELS,
+        help=f"comma-separated architectures (default: {DEFAULT_MODELS})",
+    )
+    t.add_argument(
+        "--size", type=_positive_int, default=64, help="square input size in pixels (default: 64)"
+    )
+    t.add_argument(
+        "--channels",
+        choices=["auto", "1", "3"],
+        default="auto",
+        help="1 (grey) or 3 (colour); auto uses 1 when every image is grey",
+    )
     t.add_argument("--epochs", type=_positive_int, default=30, help="epochs per run (default: 30)")
-    t.add_argument("--seeds", type=_positive_int, default=3,
-                   help="runs per model with different seeds (default: 3)")
+    t.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=3,
+        help="runs per model with different seeds (default: 3)",
+    )
     t.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default: 32)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 0.001)")
-    t.add_argument("--augment", default="shift,hflip",
-                   help="comma-separated from shift, hflip, vflip, or 'none' (default: shift,hflip; "
-                   "drop hflip when a mirrored part means something else)")
+    t.add_argument(
+        "--augment",
+        default="shift,hflip",
+        help="comma-separated from shift, hflip, vflip, or 'none' (default: shift,hflip; "
+        "drop hflip when a mirrored part means something else)",
+    )
     t.add_argument("--val-fraction", type=_fraction, default=0.15)
-    t.add_argument("--test-fraction", type=_fraction, default=0.15,
-                   help="ignored when the data has its own test/ folder")
+    t.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=0.15,
+        help="ignored when the data has its own test/ folder",
+    )
     t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    t.add_argument("--out", type=Path, default=None,
-                   help="run directory (default: runs/<date-time>)")
-    t.add_argument("--cache-dir", type=Path, default=_default_cache(),
-                   help="where decoded datasets are cached (default: %(default)s)")
+    t.add_argument(
+        "--out", type=Path, default=None, help="run directory (default: runs/<date-time>)"
+    )
+    t.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=_default_cache(),
+        help="where decoded datasets are cached (default: %(default)s)",
+    )
     t.add_argument("--no-cache", action="store_true", help="decode again and write no cache")
-    t.add_argument("--latency-seconds", type=float, default=2.0,
-                   help="time spent measuring each model's latency (default: 2)")
-    t.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: torch's choice, one per core); "
-                   "lower it when other work shares the machine: oversubscribed cores slow "
-                   "training several-fold")
+    t.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=2.0,
+        help="time spent measuring each model's latency (default: 2)",
+    )
+    t.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice, one per core); "
+        "lower it when other work shares the machine: oversubscribed cores slow "
+        "training several-fold",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    r = sub.add_parser("report", help="re-render report.html from a run's report.json",
-                       description="Re-render report.html from the report.json in RUN_DIR.")
+    r = sub.add_parser(
+        "report",
+        help="re-render report.html from a run's report.json",
+        description="Re-render report.html from the report.json in RUN_DIR.",
+    )
     r.add_argument("run_dir", type=Path, help="a run directory written by 'train'")
 
-    d = sub.add_parser("demo-data", help="generate a synthetic parts dataset",
-                       description="Write synthetic metal-surface images (good, scratch, dent, "
-                       "spots) as <class>/<image>.png, for trying the product without own data.")
+    d = sub.add_parser(
+        "demo-data",
+        help="generate a synthetic parts dataset",
+        description="Write synthetic metal-surface images (good, scratch, dent, "
+        "spots) as <class>/<image>.png, for trying the product without own data.",
+    )
     d.add_argument("dir", type=Path, help="output folder")
-    d.add_argument("--per-class", type=_positive_int, default=150,
-                   help="images per class (default: 150)")
-    d.add_argument("--image-size", type=_positive_int, default=96,
-                   help="side of each image in pixels (default: 96)")
+    d.add_argument(
+        "--per-class", type=_positive_int, default=150, help="images per class (default: 150)"
+    )
+    d.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=96,
+        help="side of each image in pixels (default: 96)",
+    )
     d.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -107,7 +154,9 @@ def _train(args: argparse.Namespace) -> int:
     augment = tuple(a.strip() for a in args.augment.split(",") if a.strip() and a.strip() != "none")
     unknown = set(augment) - {"shift", "hflip", "vflip"}
     if unknown:
-        raise ValueError(f"unknown augmentation {', '.join(sorted(unknown))}; use shift, hflip, vflip or none")
+        raise ValueError(
+            f"unknown augmentation {', '.join(sorted(unknown))}; use shift, hflip, vflip or none"
+        )
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if args.val_fraction + args.test_fraction >= 0.8:
@@ -163,7 +212,9 @@ def _report(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from training.demo import make_demo_dataset
 
-    out = make_demo_dataset(args.dir, per_class=args.per_class, size=args.image_size, seed=args.seed)
+    out = make_demo_dataset(
+        args.dir, per_class=args.per_class, size=args.image_size, seed=args.seed
+    )
     print(f"Wrote {args.per_class} images per class to {out}")
     return 0
 

@@ -27,7 +27,7 @@ SPLITS = ("train", "val", "test")
 
 
 class DataError(ValueError):
-    """The data cannot be used for a fair comparison; the message names the file, folder or class."""
+    """The data cannot be used for a fair comparison; the message names the file or class."""
 
 
 @dataclass
@@ -109,7 +109,9 @@ def scan_source(source: Path) -> tuple[list[Entry], list[dict[str, str]]]:
         return _scan_manifest(source, skipped), skipped
     train, test = source / "train", source / "test"
     if train.is_dir() and test.is_dir():
-        entries = _scan_class_dirs(train, "train", skipped) + _scan_class_dirs(test, "test", skipped)
+        entries = _scan_class_dirs(train, "train", skipped) + _scan_class_dirs(
+            test, "test", skipped
+        )
         train_classes = {e.label for e in entries if e.split == "train"}
         test_classes = {e.label for e in entries if e.split == "test"}
         for name in sorted(train_classes ^ test_classes):
@@ -140,7 +142,9 @@ def _scan_manifest(path: Path, skipped: list[dict[str, str]]) -> list[Entry]:
                     continue
                 split = (row.get("split") or "").strip() or None
                 if split not in (None, "train", "test"):
-                    raise DataError(f"{path}:{line}: split must be 'train' or 'test', not {split!r}")
+                    raise DataError(
+                        f"{path}:{line}: split must be 'train' or 'test', not {split!r}"
+                    )
                 entries.append(Entry(file, label, split))
     except UnicodeDecodeError as exc:
         raise DataError(f"CSV manifest {path} is not UTF-8 text: {exc}") from None
@@ -240,8 +244,15 @@ def load_dataset(
         tensors, meta = cached
         from_cache = True
     return _assemble(
-        source, tensors["images"], meta, size, val_fraction, test_fraction, split_seed,
-        split_tag, from_cache,
+        source,
+        tensors["images"],
+        meta,
+        size,
+        val_fraction,
+        test_fraction,
+        split_seed,
+        split_tag,
+        from_cache,
     )
 
 
@@ -304,7 +315,7 @@ def _assemble(
     keep: list[int] = []
     dup_groups = []
     removed = 0
-    for h, members in groups.items():
+    for members in groups.values():
         if len(members) == 1:
             keep.append(members[0])
             continue
@@ -322,7 +333,9 @@ def _assemble(
         chosen = sorted(members, key=lambda i: presplit[i] != "test")[0]
         keep.append(chosen)
         removed += len(members) - 1
-        dup_groups.append({"kept": paths[chosen], "removed": [paths[i] for i in members if i != chosen]})
+        dup_groups.append(
+            {"kept": paths[chosen], "removed": [paths[i] for i in members if i != chosen]}
+        )
     keep.sort()
     if not keep:
         raise DataError(f"none of the images in {source} could be read")

@@ -130,7 +130,7 @@ class PeakMemory:
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (mean 1) so that rare defect classes count as much as common ones."""
+    """Inverse-frequency weights (mean 1): rare defect classes count as much as common ones."""
     counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
     return counts.sum() / (num_classes * counts)
 
@@ -204,7 +204,7 @@ def fit(
     cfg: TrainConfig,
     on_epoch: Callable[[int, float, float], None] | None = None,
 ) -> RunResult:
-    """Train ``arch`` with ``seed``; keep the weights of the epoch with the best validation accuracy."""
+    """Train ``arch`` with ``seed``; keep the weights of the best validation epoch."""
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
@@ -234,8 +234,11 @@ def fit(
             loss = train_one_epoch(
                 model, optimizer, scheduler, train_x, train_y, mean, std, loss_fn, cfg, gen
             )
-            acc = float((evaluate(model, val_x, mean, std, amp=cfg.amp).argmax(1) == val_labels)
-                        .float().mean())
+            acc = float(
+                (evaluate(model, val_x, mean, std, amp=cfg.amp).argmax(1) == val_labels)
+                .float()
+                .mean()
+            )
             train_loss.append(loss)
             val_acc.append(acc)
             if on_epoch is not None:
@@ -249,7 +252,9 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    majority = float(torch.bincount(val_labels, minlength=num_classes).max()) / max(len(val_labels), 1)
+    majority = float(torch.bincount(val_labels, minlength=num_classes).max()) / max(
+        len(val_labels), 1
+    )
     if (
         diverged is None
         and train_loss

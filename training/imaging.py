@@ -70,7 +70,10 @@ def is_grey(img: Image.Image) -> bool:
     if img.mode not in ("RGB", "YCbCr"):
         return False
     arr = np.asarray(img.convert("RGB"), dtype=np.int16)
-    return bool(np.abs(arr[..., 0] - arr[..., 1]).max() <= 2 and np.abs(arr[..., 1] - arr[..., 2]).max() <= 2)
+    return bool(
+        np.abs(arr[..., 0] - arr[..., 1]).max() <= 2
+        and np.abs(arr[..., 1] - arr[..., 2]).max() <= 2
+    )
 
 
 def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:

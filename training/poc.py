@@ -21,7 +21,7 @@ from training.data import Dataset, load_dataset
 from training.engine import RunResult, TrainConfig, fit, resolve_device
 from training.measure import count_flops, count_params, measure_latency
 from training.report import write_html
-from training.stats import mean_std, mcnemar, paired_difference_ci
+from training.stats import mcnemar, mean_std, paired_difference_ci
 
 REPORT_VERSION = 1
 BASELINE = "baseline"
@@ -91,7 +91,9 @@ def run_poc(cfg: PocConfig) -> Path:
         for seed in seeds:
             for arch in cfg.models:
 
-                def on_epoch(epoch: int, loss: float, acc: float, arch: str = arch) -> None:
+                def on_epoch(
+                    epoch: int, loss: float, acc: float, arch: str = arch, seed: int = seed
+                ) -> None:
                     bar.set_postfix_str(f"{arch} seed {seed} loss {loss:.3f} val {acc:.3f}")
                     bar.update(1)
 
@@ -117,9 +119,14 @@ def run_poc(cfg: PocConfig) -> Path:
         "report_version": REPORT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "run": {
-            "config": {**asdict(cfg), "train": {**asdict(cfg.train), "augment": list(cfg.train.augment)}},
+            "config": {
+                **asdict(cfg),
+                "train": {**asdict(cfg.train), "augment": list(cfg.train.augment)},
+            },
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -218,9 +225,13 @@ def _model_section(
         default=None,
     )
     model = create_model(arch, **meta_common["model_kwargs"])
-    latency = {str(device): measure_latency(model, ds.channels, ds.size, device, budget_s=latency_budget_s)}
+    latency = {
+        str(device): measure_latency(model, ds.channels, ds.size, device, budget_s=latency_budget_s)
+    }
     if device.type != "cpu":
-        latency["cpu"] = measure_latency(model, ds.channels, ds.size, torch.device("cpu"), budget_s=latency_budget_s)
+        latency["cpu"] = measure_latency(
+            model, ds.channels, ds.size, torch.device("cpu"), budget_s=latency_budget_s
+        )
     main_latency = latency[str(device)]
     return {
         "arch": arch,
@@ -250,7 +261,10 @@ def _model_section(
             }
             for r in runs
         ],
-        "latency_ms": {d: {"p50": v["p50_ms"], "p99": v["p99_ms"], "samples": v["samples"]} for d, v in latency.items()},
+        "latency_ms": {
+            d: {"p50": v["p50_ms"], "p99": v["p99_ms"], "samples": v["samples"]}
+            for d, v in latency.items()
+        },
         "throughput": {d: v["throughput_images_per_s"] for d, v in latency.items()},
         "latency_device": str(device),
         "latency_p50_ms": main_latency["p50_ms"],
@@ -277,7 +291,9 @@ def _comparison(
         acc_b = [float(np.mean(np.asarray(preds[BASELINE][s]) == test_y)) for s in seeds]
         tests = []
         for s in seeds:
-            t = mcnemar(np.asarray(preds[name][s]) == test_y, np.asarray(preds[BASELINE][s]) == test_y)
+            t = mcnemar(
+                np.asarray(preds[name][s]) == test_y, np.asarray(preds[BASELINE][s]) == test_y
+            )
             tests.append({"seed": s, **t})
         out[name] = {
             "accuracy_difference": paired_difference_ci(acc_m, acc_b),
@@ -316,14 +332,23 @@ def verdict(models: dict[str, Any], comparison: dict[str, Any]) -> str:
             f"{head} ({_pts(d['mean'])} points) from a single seed, at {cost}; "
             "run several seeds before deciding, one run cannot separate a gain from luck."
         )
-    ci = f"{_pts(d['mean'])} points, 95% CI {_pts(d['low'])} to {_pts(d['high'])} over {d['n']} seeds"
+    ci = (
+        f"{_pts(d['mean'])} points, 95% CI {_pts(d['low'])} to {_pts(d['high'])} "
+        f"over {d['n']} seeds"
+    )
     if d["low"] > 0:
         first = f"{head} ({ci}), a real gain at {cost}."
         half = comparison.get("maxmin_half") if main == "maxmin" else None
         if half and half["accuracy_difference"]["low"] is not None:
             if half["accuracy_difference"]["low"] > 0:
-                return first + " The cost-matched MaxMin also beats it, so the gain comes from MaxMin itself, not from size."
-            return first + " The cost-matched MaxMin does not show a reliable gain, so part of it may come from the extra size."
+                return first + (
+                    " The cost-matched MaxMin also beats it, so the gain comes from MaxMin "
+                    "itself, not from size."
+                )
+            return first + (
+                " The cost-matched MaxMin does not show a reliable gain, so part of it may "
+                "come from the extra size."
+            )
         return first
     if d["high"] < 0:
         return f"{head} ({ci}): MaxMin is worse on this data; keep the plain CNN."

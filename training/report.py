@@ -36,11 +36,21 @@ def accuracy_cost_chart(report: dict[str, Any]) -> str:
             continue
         err = (acc["std"] or 0) * 100
         for ax, x in zip(axes, (m["params"], m["latency_p50_ms"]), strict=True):
-            ax.errorbar(x, acc["mean"] * 100, yerr=err, fmt="o", capsize=4, ms=8,
-                        color=COLORS.get(name), label=name)
+            ax.errorbar(
+                x,
+                acc["mean"] * 100,
+                yerr=err,
+                fmt="o",
+                capsize=4,
+                ms=8,
+                color=COLORS.get(name),
+                label=name,
+            )
             ax.annotate(name, (x, acc["mean"] * 100), textcoords="offset points", xytext=(6, 6))
     axes[0].set_xlabel("parameters")
-    axes[1].set_xlabel(f"latency p50, batch 1 (ms, {next(iter(report['models'].values()))['latency_device']})")
+    axes[1].set_xlabel(
+        f"latency p50, batch 1 (ms, {next(iter(report['models'].values()))['latency_device']})"
+    )
     for ax in axes:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -80,8 +90,15 @@ def confusion_chart(name: str, matrix: list[list[int]], classes: list[str]) -> s
     top = max((max(r) for r in matrix), default=0)
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center",
-                    color="white" if v > top / 2 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                str(v),
+                ha="center",
+                va="center",
+                color="white" if v > top / 2 else "black",
+                fontsize=8,
+            )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(name)
