@@ -118,6 +118,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "lower it when other work shares the machine: oversubscribed cores slow "
         "training several-fold",
     )
+    t.add_argument(
+        "--no-register",
+        action="store_true",
+        help="do not register the finished run in the service's database",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     r = sub.add_parser(
@@ -144,6 +149,33 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="side of each image in pixels (default: 96)",
     )
     d.add_argument("--seed", type=int, default=0)
+
+    db = sub.add_parser(
+        "db",
+        help="database maintenance",
+        description="Apply the schema migrations to DATABASE_URL (default: SQLite "
+        "in the data directory).",
+    )
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub.add_parser("upgrade", help="migrate the database to the current schema")
+    db_sub.add_parser("current", help="print the database's schema revision")
+
+    s = sub.add_parser(
+        "serve",
+        help="start the inspection service",
+        description="Migrate the database, then serve the API and the pages.",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    s.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
+    s.add_argument("--workers", type=_positive_int, default=1, help="processes (default: 1)")
+
+    i = sub.add_parser(
+        "import-run",
+        help="register an existing run directory in the database",
+        description="Register RUN_DIR's report and model versions so the service "
+        "lists it and can serve its models.",
+    )
+    i.add_argument("run_dir", type=Path, help="a run directory written by 'train'")
     return parser
 
 
@@ -196,6 +228,8 @@ def _train(args: argparse.Namespace) -> int:
         spread = f" ± {std * 100:.1f}" if std is not None else ""
         shown = "diverged" if acc is None else f"{acc * 100:.1f}%{spread}"
         print(f"  {name:<12} accuracy {shown:<16} params {m['params']:>9,}")
+    if not args.no_register:
+        _register(run_dir)
     print(f"\nReport: {run_dir / 'report.html'}")
     print(f"        {run_dir / 'report.json'}")
     print(f"Checkpoints: {run_dir / 'checkpoints'}")
@@ -219,11 +253,106 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "report": _report, "demo-data": _demo}
+def _register(run_dir: Path) -> None:
+    """Register a finished run in the service's database; a failure only warns."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.core.config import Settings
+    from app.core.db import make_engine, session_factory, upgrade
+    from app.crud import register_run
+
+    settings = Settings()
+    try:
+        upgrade(settings.db_url)
+        engine = make_engine(settings.db_url)
+        with session_factory(engine)() as session:
+            run = register_run(session, run_dir)
+            print(f"Registered as report {run.id} in the service's database.")
+        engine.dispose()
+    except (SQLAlchemyError, OSError) as exc:
+        print(
+            f"warning: run not registered in the database ({exc.__class__.__name__}: {exc}); "
+            f"register it later with `maxmin-inspect import-run {run_dir}`",
+            file=sys.stderr,
+        )
+
+
+def _db(args: argparse.Namespace) -> int:
+    from app.core.config import Settings
+    from app.core.db import head_revision, make_engine, upgrade
+
+    settings = Settings()
+    if args.db_command == "upgrade":
+        upgrade(settings.db_url)
+        print(f"Database at revision {head_revision()}.")
+        return 0
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(settings.db_url)
+    with engine.connect() as conn:
+        print(MigrationContext.configure(conn).get_current_revision() or "none")
+    engine.dispose()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.core.config import Settings
+    from app.core.db import upgrade
+
+    settings = Settings()
+    upgrade(settings.db_url)  # the explicit start-up migration; the app itself only checks
+    os.environ["WEB_CONCURRENCY"] = str(args.workers)
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"Inspector page: {base}/\nDashboard:      {base}/dashboard\nAPI docs:       {base}/docs",
+        flush=True,
+    )
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="info",
+    )
+    return 0
+
+
+def _import_run(args: argparse.Namespace) -> int:
+    from app.core.config import Settings
+    from app.core.db import make_engine, session_factory, upgrade
+    from app.crud import NotFound, register_run
+
+    settings = Settings()
+    upgrade(settings.db_url)
+    engine = make_engine(settings.db_url)
+    try:
+        with session_factory(engine)() as session:
+            run = register_run(session, args.run_dir)
+            print(f"Registered {run.run_dir} as report {run.id}.")
+    except NotFound as exc:
+        raise FileNotFoundError(str(exc)) from None
+    finally:
+        engine.dispose()
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "report": _report,
+    "demo-data": _demo,
+    "db": _db,
+    "serve": _serve,
+    "import-run": _import_run,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script: clear messages and a non-zero exit on bad input."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from training.checkpoint import CheckpointError
     from training.data import DataError
 
@@ -233,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"maxmin-inspect {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except SQLAlchemyError as exc:
+        reason = getattr(exc, "orig", None) or exc
+        print(f"maxmin-inspect {args.command}: database error: {reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,1 @@
+"""The inspection service: A/B classification, stored predictions and labels, pages."""

@@ -1,0 +1,39 @@
+"""Typed dependencies shared by the routes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.inference import Classifier
+from app.core.storage import ImageStore
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> ImageStore:
+    return request.app.state.store
+
+
+def get_classifier(request: Request) -> Classifier:
+    classifier = request.app.state.classifier
+    if classifier is None:
+        raise HTTPException(503, detail=request.app.state.models_error or "models not loaded")
+    return classifier
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StoreDep = Annotated[ImageStore, Depends(get_store)]
+ClassifierDep = Annotated[Classifier, Depends(get_classifier)]

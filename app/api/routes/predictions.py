@@ -1,0 +1,269 @@
+"""POST /predict (A/B classification) and the stored predictions with inspectors' labels."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from app.api.deps import ClassifierDep, SessionDep, SettingsDep, StoreDep
+from app.core.inference import Classifier
+from app.crud import (
+    InvalidLabel,
+    NewImage,
+    NewOutput,
+    NotFound,
+    PredictionFilter,
+    as_utc,
+    get_prediction,
+    list_predictions,
+    set_label,
+    store_predictions,
+)
+from app.schemas import LabelUpdate, PredictionPublic, PredictionsPublic
+from app.tables import Prediction
+from training.imaging import ImageError
+
+router = APIRouter(tags=["predictions"])
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more part images (JPEG, PNG, BMP, TIFF)",
+                        },
+                        "source": {"type": "string", "description": "line or station id"},
+                        "part_id": {"type": "string", "description": "the part's id"},
+                    },
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def to_public(pred: Prediction) -> PredictionPublic:
+    """The API's view of a stored prediction."""
+    return PredictionPublic(
+        id=pred.id,
+        image_sha256=pred.image_sha256,
+        image_url=f"/images/{pred.image_sha256}",
+        created_at=as_utc(pred.created_at),
+        source=pred.source,
+        part_id=pred.part_id,
+        filename=pred.filename,
+        agree=pred.agree,
+        results={
+            o.model_name: {
+                "label": o.label,
+                "confidence": o.confidence,
+                "probabilities": o.probabilities,
+                "latency_ms": o.latency_ms,
+                "model_version": o.model_version,
+            }
+            for o in pred.outputs
+        },
+        label=pred.label,
+        labelled_by=pred.labelled_by,
+        labelled_at=as_utc(pred.labelled_at),
+        history=[
+            {"label": e.label, "labelled_by": e.labelled_by, "created_at": as_utc(e.created_at)}
+            for e in pred.history
+        ],
+    )
+
+
+def _text(value: object, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise HTTPException(422, detail=f"'{name}' must be text, not a file")
+    value = value.strip()
+    if len(value) > 200:
+        raise HTTPException(422, detail=f"'{name}' is longer than 200 characters")
+    return value or None
+
+
+async def _read_uploads(
+    request: Request, settings: SettingsDep
+) -> tuple[list[tuple[str | None, bytes]], str | None, str | None]:
+    """The uploaded images as (filename, bytes), and the metadata, from multipart or a raw body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    source = request.query_params.get("source")
+    part_id = request.query_params.get("part_id")
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        data = await request.body()
+        if not data:
+            raise HTTPException(400, detail="empty request body: send the image bytes")
+        if len(data) > settings.max_file_bytes:
+            raise HTTPException(413, detail=f"image larger than {settings.max_file_bytes} bytes")
+        return [(None, data)], _text(source, "source"), _text(part_id, "part_id")
+    if ctype != "multipart/form-data":
+        raise HTTPException(
+            415,
+            detail="send images as multipart/form-data field 'files', or one image body "
+            f"with Content-Type image/*, not {ctype or 'no Content-Type'}",
+        )
+    try:
+        form = await request.form(max_files=settings.max_files, max_fields=20)
+    except MultiPartException as exc:
+        status = 413 if "Too many" in str(exc) else 400
+        raise HTTPException(status, detail=f"malformed multipart body: {exc}") from None
+    files = form.getlist("files")
+    if not files:
+        raise HTTPException(422, detail="no images: send one or more files in the field 'files'")
+    uploads = []
+    for item in files:
+        if not isinstance(item, UploadFile):
+            raise HTTPException(422, detail="field 'files' must hold files, not text")
+        data = await item.read(settings.max_file_bytes + 1)
+        name = (item.filename or "")[:255] or None
+        if len(data) > settings.max_file_bytes:
+            raise HTTPException(
+                413, detail=f"file {name!r} is larger than {settings.max_file_bytes} bytes"
+            )
+        if not data:
+            raise HTTPException(422, detail=f"file {name!r} is empty")
+        uploads.append((name, data))
+    source = _text(form.get("source", source), "source")
+    part_id = _text(form.get("part_id", part_id), "part_id")
+    return uploads, source, part_id
+
+
+def _classify(
+    classifier: Classifier, uploads: list[tuple[str | None, bytes]], max_pixels: int
+) -> list[tuple[NewImage, list[NewOutput]]]:
+    """Decode every upload (all must be images) and run the A/B models on them as one batch."""
+    import numpy as np
+
+    decoded = []
+    for i, (name, data) in enumerate(uploads):
+        label = repr(name) if name else f"#{i + 1}"
+        try:
+            decoded.append(classifier.decode(data, max_pixels))
+        except ImageError as exc:
+            status = 413 if "larger than the limit" in str(exc) or "too large" in str(exc) else 422
+            raise HTTPException(status, detail=f"file {label}: {exc}") from None
+    results = classifier.classify(np.stack([d.array for d in decoded]))
+    items = []
+    for i, ((name, data), d) in enumerate(zip(uploads, decoded, strict=True)):
+        outputs = []
+        for model_name, (probs, latency) in results.items():
+            p = probs[i]
+            k = int(p.argmax())
+            outputs.append(
+                NewOutput(
+                    model_name=model_name,
+                    model_version=classifier.models[model_name].version,
+                    label=classifier.classes[k],
+                    confidence=float(p[k]),
+                    probabilities={
+                        c: round(float(v), 6) for c, v in zip(classifier.classes, p, strict=True)
+                    },
+                    latency_ms=round(latency, 4),
+                )
+            )
+        image = NewImage(
+            sha256=hashlib.sha256(data).hexdigest(),
+            data=data,
+            content_type=d.content_type,
+            width=d.width,
+            height=d.height,
+            filename=name,
+        )
+        items.append((image, outputs))
+    return items
+
+
+@router.post(
+    "/predict",
+    response_model=PredictionsPublic,
+    summary="Classify part images with both models (A/B) and store them",
+    openapi_extra=PREDICT_BODY,
+    responses={
+        413: {"description": "too many files, or a file or body over the size limits"},
+        415: {"description": "unsupported Content-Type"},
+        422: {"description": "a file is not a readable image"},
+        503: {"description": "models not loaded or database unavailable"},
+    },
+)
+async def create_prediction(
+    request: Request,
+    settings: SettingsDep,
+    classifier: ClassifierDep,
+    session: SessionDep,
+    store: StoreDep,
+) -> PredictionsPublic:
+    """Classify each image with every A/B model; store the image once and the predictions."""
+    uploads, source, part_id = await _read_uploads(request, settings)
+    items = await run_in_threadpool(_classify, classifier, uploads, settings.max_image_pixels)
+    preds = await run_in_threadpool(
+        store_predictions, session, store, items, classifier.classes, source, part_id
+    )
+    data = [to_public(p) for p in preds]
+    return PredictionsPublic(data=data, count=len(data))
+
+
+@router.get("/predictions", response_model=PredictionsPublic, summary="List stored predictions")
+def read_predictions(
+    session: SessionDep,
+    settings: SettingsDep,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    source: str | None = None,
+    labelled: bool | None = None,
+    disagree: Annotated[bool | None, Query(description="only where the models disagree")] = None,
+    predicted: Annotated[str | None, Query(description="a class any model predicted")] = None,
+    skip: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> PredictionsPublic:
+    """Newest first; filter by time, source, labelled or not, disagreement, predicted class."""
+    f = PredictionFilter(since, until, source, labelled, disagree, predicted)
+    rows, count = list_predictions(session, f, skip, min(limit, settings.page_size_max))
+    return PredictionsPublic(data=[to_public(p) for p in rows], count=count)
+
+
+@router.get(
+    "/predictions/{prediction_id}",
+    response_model=PredictionPublic,
+    responses={404: {"description": "unknown prediction"}},
+)
+def read_prediction(prediction_id: int, session: SessionDep) -> PredictionPublic:
+    """One prediction with both models' answers and its label history."""
+    try:
+        return to_public(get_prediction(session, prediction_id))
+    except NotFound as exc:
+        raise HTTPException(404, detail=str(exc)) from None
+
+
+@router.put(
+    "/predictions/{prediction_id}/label",
+    response_model=PredictionPublic,
+    responses={
+        404: {"description": "unknown prediction"},
+        422: {"description": "label not among the classes"},
+    },
+)
+def update_label(prediction_id: int, body: LabelUpdate, session: SessionDep) -> PredictionPublic:
+    """Set the inspector's ground truth; a correction keeps the earlier labels in the history."""
+    try:
+        return to_public(set_label(session, prediction_id, body.label, body.labelled_by))
+    except NotFound as exc:
+        raise HTTPException(404, detail=str(exc)) from None
+    except InvalidLabel as exc:
+        raise HTTPException(422, detail=str(exc)) from None

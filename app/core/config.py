@@ -1,0 +1,55 @@
+"""Service settings: the only place that reads the environment (prefix ``MAXMIN_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Defaults that work on a fresh machine: SQLite in ./var, models from ./runs, the CPU."""
+
+    model_config = SettingsConfigDict(env_prefix="MAXMIN_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("var")  # the SQLite database and the image store live here
+    database_url: str | None = Field(
+        default=None,
+        validation_alias="DATABASE_URL",
+        description="SQLAlchemy URL; default: SQLite at <data_dir>/maxmin.db",
+    )
+    runs_dir: Path = Path("runs")  # where `maxmin-inspect train` writes its run directories
+    run_dir: Path | None = None  # serve this run's checkpoints; default: the newest registered run
+    ab_models: list[str] = ["baseline", "maxmin"]  # the models each image is classified by
+    device: str = "auto"  # auto: CUDA when present, the CPU otherwise
+    torch_threads: int = 0  # 0: one per core divided by the number of workers
+    max_files: int = 32  # images per /predict request
+    max_file_bytes: int = 20 * 1024 * 1024  # bytes per image
+    max_body_bytes: int = 64 * 1024 * 1024  # bytes per request
+    max_image_pixels: int = 40_000_000  # decoded size guard against decompression bombs
+    page_size_max: int = 200
+
+    @field_validator("ab_models", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'maxmin.db').as_posix()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

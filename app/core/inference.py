@@ -1,0 +1,105 @@
+"""Loading the A/B models of a training run and classifying images exactly as training saw them."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.checkpoint import load_checkpoint
+from training.engine import normalize, resolve_device
+from training.imaging import decode_image, to_array
+
+
+class ModelsUnavailable(RuntimeError):
+    """No usable trained models: the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    meta: dict
+    version: str
+
+
+@dataclass
+class Decoded:
+    """An upload decoded and preprocessed for the models."""
+
+    array: np.ndarray  # C x S x S uint8
+    width: int
+    height: int
+    content_type: str
+
+
+FORMAT_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+}
+
+
+class Classifier:
+    """The A/B models of one run, sharing that run's preprocessing."""
+
+    def __init__(self, run_dir: Path, names: list[str], device: str = "auto") -> None:
+        self.run_dir = Path(run_dir)
+        report_file = self.run_dir / "report.json"
+        if not report_file.is_file():
+            raise ModelsUnavailable(
+                f"{report_file} not found: train first (`maxmin-inspect train`)"
+            )
+        report = json.loads(report_file.read_text())
+        self.device = resolve_device(device)
+        self.models: dict[str, LoadedModel] = {}
+        for name in names:
+            entry = report["models"].get(name)
+            if entry is None or not entry.get("checkpoint"):
+                raise ModelsUnavailable(f"run {self.run_dir} has no usable checkpoint for {name!r}")
+            model, meta = load_checkpoint(self.run_dir / entry["checkpoint"], device=self.device)
+            version = f"{Path(entry['checkpoint']).name}:{meta['weights_sha256'][:12]}"
+            self.models[name] = LoadedModel(name, model, meta, version)
+        first = next(iter(self.models.values())).meta
+        for m in self.models.values():
+            for key in ("classes", "image_size", "channels", "normalization"):
+                if m.meta[key] != first[key]:
+                    raise ModelsUnavailable(f"models {names} disagree on {key}; serve one run")
+        self.classes: list[str] = first["classes"]
+        self.size: int = first["image_size"]
+        self.channels: int = first["channels"]
+        self.mean = torch.tensor(first["normalization"]["mean"], device=self.device).view(
+            1, -1, 1, 1
+        )
+        self.std = torch.tensor(first["normalization"]["std"], device=self.device).view(1, -1, 1, 1)
+        self.run_name = self.run_dir.name
+        self.classify(np.zeros((2, self.channels, self.size, self.size), dtype=np.uint8))  # warm up
+
+    def decode(self, data: bytes, max_pixels: int) -> Decoded:
+        """Decode and preprocess one upload; raises ImageError naming what is wrong."""
+        img = decode_image(data, max_pixels=max_pixels, draft_size=self.size)
+        width, height = img.info.get("original_size", img.size)
+        ctype = FORMAT_TYPES.get(img.format or "", "application/octet-stream")
+        return Decoded(to_array(img, self.size, self.channels), width, height, ctype)
+
+    @torch.inference_mode()
+    def classify(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+        """Per model: class probabilities (N x K) and the model's time per image in ms."""
+        x = normalize(
+            torch.from_numpy(np.ascontiguousarray(arrays)).to(self.device), self.mean, self.std
+        )
+        out = {}
+        for name, m in self.models.items():
+            t0 = time.perf_counter()
+            logits = m.model(x)
+            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            out[name] = (probs, (time.perf_counter() - t0) * 1000 / max(len(arrays), 1))
+        return out

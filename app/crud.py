@@ -1,0 +1,320 @@
+"""Database operations: store predictions with their images, labels with history, stats, runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as sps
+from sqlalchemy import Select, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from app.core.storage import ImageStore
+from app.tables import LabelEvent, ModelOutput, Prediction, Run, StoredImage, utcnow
+from training.stats import mcnemar
+
+
+class NotFound(LookupError):
+    """The named row does not exist."""
+
+
+class InvalidLabel(ValueError):
+    """A label that is not one of the prediction's classes."""
+
+
+@dataclass
+class NewImage:
+    sha256: str
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+    filename: str | None
+
+
+@dataclass
+class NewOutput:
+    model_name: str
+    model_version: str
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    latency_ms: float
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Aware UTC datetimes everywhere (SQLite hands back naive ones)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _insert_ignore(session: Session, table, rows: list[dict]) -> None:  # noqa: ANN001
+    """INSERT ... ON CONFLICT DO NOTHING, so that concurrent uploads of one image both succeed."""
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    session.execute(module.insert(table).values(rows).on_conflict_do_nothing())
+
+
+def store_predictions(
+    session: Session,
+    store: ImageStore,
+    items: list[tuple[NewImage, list[NewOutput]]],
+    classes: list[str],
+    source: str | None,
+    part_id: str | None,
+) -> list[Prediction]:
+    """Write the images (once each) and all predictions in one transaction; all or nothing.
+
+    Image files are written before the commit; if the transaction fails, files this call created
+    and that no committed row refers to are removed again, so no orphan files stay behind.
+    """
+    created: list[str] = []
+    try:
+        for image, _ in items:
+            if store.put(image.sha256, image.data):
+                created.append(image.sha256)
+        rows = {
+            img.sha256: {
+                "sha256": img.sha256,
+                "content_type": img.content_type,
+                "size_bytes": len(img.data),
+                "width": img.width,
+                "height": img.height,
+                "created_at": utcnow(),
+            }
+            for img, _ in items
+        }
+        _insert_ignore(session, StoredImage.__table__, list(rows.values()))
+        predictions = []
+        for image, outputs in items:
+            pred = Prediction(
+                image_sha256=image.sha256,
+                source=source,
+                part_id=part_id,
+                filename=image.filename,
+                classes=classes,
+                agree=len({o.label for o in outputs}) == 1,
+                created_at=utcnow(),
+            )
+            pred.outputs = [ModelOutput(**o.__dict__) for o in outputs]
+            session.add(pred)
+            predictions.append(pred)
+        session.commit()
+        return predictions
+    except BaseException:
+        session.rollback()
+        for sha in created:
+            try:
+                still_used = session.get(StoredImage, sha) is not None
+            except Exception:  # noqa: BLE001 - database gone: the file is not referenced
+                still_used = False
+            if not still_used:
+                store.remove(sha)
+        raise
+
+
+def get_prediction(session: Session, prediction_id: int) -> Prediction:
+    pred = session.get(Prediction, prediction_id)
+    if pred is None:
+        raise NotFound(f"prediction {prediction_id} not found")
+    return pred
+
+
+def set_label(session: Session, prediction_id: int, label: str, who: str | None) -> Prediction:
+    """Record an inspector's label; the previous ones stay in the history."""
+    query = select(Prediction).where(Prediction.id == prediction_id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    pred = session.execute(query).scalar_one_or_none()
+    if pred is None:
+        raise NotFound(f"prediction {prediction_id} not found")
+    if label not in pred.classes:
+        raise InvalidLabel(f"label {label!r} is not one of the classes: {', '.join(pred.classes)}")
+    now = utcnow()
+    pred.label, pred.labelled_by, pred.labelled_at = label, who, now
+    session.add(LabelEvent(prediction_id=pred.id, label=label, labelled_by=who, created_at=now))
+    session.commit()
+    session.refresh(pred)
+    return pred
+
+
+@dataclass
+class PredictionFilter:
+    since: datetime | None = None
+    until: datetime | None = None
+    source: str | None = None
+    labelled: bool | None = None
+    disagree: bool | None = None
+    predicted: str | None = None
+
+
+def _filtered(query: Select, f: PredictionFilter) -> Select:
+    if f.since is not None:
+        query = query.where(Prediction.created_at >= as_utc(f.since))
+    if f.until is not None:
+        query = query.where(Prediction.created_at < as_utc(f.until))
+    if f.source is not None:
+        query = query.where(Prediction.source == f.source)
+    if f.labelled is not None:
+        query = query.where(
+            Prediction.label.is_not(None) if f.labelled else Prediction.label.is_(None)
+        )
+    if f.disagree is not None:
+        query = query.where(Prediction.agree.is_(not f.disagree))
+    if f.predicted is not None:
+        hit = select(ModelOutput.prediction_id).where(ModelOutput.label == f.predicted)
+        query = query.where(Prediction.id.in_(hit))
+    return query
+
+
+def list_predictions(
+    session: Session, f: PredictionFilter, skip: int, limit: int
+) -> tuple[list[Prediction], int]:
+    """Newest first, with the total count that matches the filters."""
+    count = session.execute(_filtered(select(func.count(Prediction.id)), f)).scalar_one()
+    query = (
+        _filtered(select(Prediction), f).order_by(Prediction.id.desc()).offset(skip).limit(limit)
+    )
+    return list(session.execute(query).scalars()), count
+
+
+def _wilson(correct: int, n: int) -> dict[str, float | None]:
+    if n == 0:
+        return {"value": None, "low": None, "high": None}
+    ci = sps.binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"value": correct / n, "low": float(ci.low), "high": float(ci.high)}
+
+
+def compute_stats(
+    session: Session,
+    since: datetime | None,
+    until: datetime | None,
+    models: list[str],
+    classes: list[str],
+) -> dict:
+    """Live A/B from inspectors' labels: accuracy with intervals, paired test, confusion, latency."""
+    f = PredictionFilter(since=since, until=until)
+    total = session.execute(_filtered(select(func.count(Prediction.id)), f)).scalar_one()
+    agree = session.execute(
+        _filtered(select(func.count(Prediction.id)), f).where(Prediction.agree.is_(True))
+    ).scalar_one()
+    labelled_rows = session.execute(
+        _filtered(select(Prediction.id, Prediction.label), f).where(Prediction.label.is_not(None))
+    ).all()
+    truth = {pid: label for pid, label in labelled_rows}
+    outputs = session.execute(
+        _filtered(
+            select(
+                ModelOutput.prediction_id,
+                ModelOutput.model_name,
+                ModelOutput.label,
+                ModelOutput.latency_ms,
+            ).join(Prediction, Prediction.id == ModelOutput.prediction_id),
+            f,
+        )
+    ).all()
+    index = {c: i for i, c in enumerate(classes)}
+    per_model: dict[str, dict] = {}
+    correct_by_model: dict[str, dict[int, bool]] = {m: {} for m in models}
+    latencies: dict[str, list[float]] = {m: [] for m in models}
+    matrices = {m: np.zeros((len(classes), len(classes)), dtype=int) for m in models}
+    for pid, name, label, latency in outputs:
+        if name not in correct_by_model:
+            continue
+        latencies[name].append(latency)
+        if pid in truth:
+            correct_by_model[name][pid] = label == truth[pid]
+            if truth[pid] in index and label in index:
+                matrices[name][index[truth[pid]], index[label]] += 1
+    for name in models:
+        hits = correct_by_model[name]
+        lat = np.asarray(latencies[name])
+        per_model[name] = {
+            "accuracy": _wilson(sum(hits.values()), len(hits)),
+            "correct": int(sum(hits.values())),
+            "labelled": len(hits),
+            "confusion_matrix": matrices[name].tolist(),
+            "latency_ms_p50": float(np.percentile(lat, 50)) if lat.size else None,
+            "latency_ms_p95": float(np.percentile(lat, 95)) if lat.size else None,
+        }
+    paired = None
+    if len(models) >= 2:
+        a, b = models[0], models[1]
+        common = sorted(set(correct_by_model[a]) & set(correct_by_model[b]))
+        ca = np.array([correct_by_model[a][p] for p in common], dtype=bool)
+        cb = np.array([correct_by_model[b][p] for p in common], dtype=bool)
+        test = mcnemar(cb, ca)  # "model" = b (the challenger), "baseline" = a
+        n = len(common)
+        only_b, only_a = test["only_model_correct"], test["only_baseline_correct"]
+        if n:
+            diff = (only_b - only_a) / n
+            se = math.sqrt(max(only_a + only_b - (only_b - only_a) ** 2 / n, 0.0)) / n
+            interval = {
+                "value": diff,
+                "low": max(diff - 1.96 * se, -1.0),
+                "high": min(diff + 1.96 * se, 1.0),
+            }
+        else:
+            interval = {"value": None, "low": None, "high": None}
+        paired = {
+            "model_a": a,
+            "model_b": b,
+            "accuracy_difference": interval,
+            "only_a_correct": only_a,
+            "only_b_correct": only_b,
+            "mcnemar_p_value": test["p_value"],
+        }
+    return {
+        "since": as_utc(since),
+        "until": as_utc(until),
+        "classes": classes,
+        "predictions": total,
+        "labelled": len(truth),
+        "unlabelled": total - len(truth),
+        "agreement_rate": agree / total if total else None,
+        "models": per_model,
+        "paired": paired,
+    }
+
+
+def register_run(session: Session, run_dir: Path) -> Run:
+    """Record a finished training run (its report and model versions); re-registering updates it."""
+    run_dir = Path(run_dir).resolve()
+    src = run_dir / "report.json"
+    if not src.is_file():
+        raise NotFound(f"{src} not found: is {run_dir} a run directory written by `train`?")
+    try:
+        report = json.loads(src.read_text())
+        versions = {}
+        for name, m in report["models"].items():
+            ckpt = m.get("checkpoint")
+            sha = next((c["weights_sha256"] for c in m["checkpoints"] if c["path"] == ckpt), "")
+            versions[name] = f"{Path(ckpt).name}:{sha[:12]}" if ckpt else "none"
+        created = datetime.fromisoformat(report["created_at"])
+        fingerprint, verdict = report["dataset"]["fingerprint"], report["verdict"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{src} is not a PoC report this version understands: {exc}") from None
+    run = session.execute(select(Run).where(Run.run_dir == str(run_dir))).scalar_one_or_none()
+    if run is None:
+        run = Run(run_dir=str(run_dir))
+        session.add(run)
+    run.created_at = created
+    run.data_fingerprint = fingerprint
+    run.verdict = verdict
+    run.model_versions = versions
+    run.report = report
+    run.registered_at = utcnow()
+    session.commit()
+    return run
+
+
+def latest_run(session: Session) -> Run | None:
+    return session.execute(
+        select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(1)
+    ).scalar_one_or_none()

@@ -1,0 +1,107 @@
+"""The FastAPI app factory and its lifespan: database check, image store, A/B models."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from app.api.routes import health, images, pages, predictions, reports, stats
+from app.core.config import Settings, get_settings
+from app.core.db import check_schema, make_engine, session_factory
+from app.core.inference import Classifier, ModelsUnavailable
+from app.core.limits import BodyLimitMiddleware
+from app.core.storage import ImageStore
+from app.crud import latest_run
+from training.checkpoint import CheckpointError
+
+log = logging.getLogger("maxmin_inspect")
+HERE = Path(__file__).resolve().parent
+
+
+def find_run_dir(settings: Settings, sessions) -> Path | None:  # noqa: ANN001
+    """The run to serve: the setting, else the newest registered run, else the newest on disk."""
+    if settings.run_dir is not None:
+        return settings.run_dir
+    try:
+        with sessions() as session:
+            run = latest_run(session)
+        if run is not None and Path(run.run_dir).is_dir():
+            return Path(run.run_dir)
+    except DBAPIError:
+        pass
+    found = sorted(settings.runs_dir.glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
+
+
+def load_models(app: FastAPI) -> None:
+    """(Re)load the A/B models; on failure keep serving and say why in /readyz."""
+    settings: Settings = app.state.settings
+    run_dir = find_run_dir(settings, app.state.sessions)
+    app.state.classifier, app.state.models_error = None, None
+    if run_dir is None:
+        app.state.models_error = (
+            f"no trained models found in {settings.runs_dir}: run `maxmin-inspect train DATA`"
+        )
+        return
+    try:
+        app.state.classifier = Classifier(run_dir, settings.ab_models, settings.device)
+    except (ModelsUnavailable, CheckpointError, ValueError, OSError) as exc:
+        app.state.models_error = f"cannot load models from {run_dir}: {exc}"
+        log.error(app.state.models_error)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    threads = settings.torch_threads or max(
+        1, (os.cpu_count() or 1) // int(os.environ.get("WEB_CONCURRENCY", "1"))
+    )
+    torch.set_num_threads(threads)
+    engine = make_engine(settings.db_url)
+    check_schema(engine)  # refuse an un-migrated database, naming the command to run
+    app.state.engine = engine
+    app.state.sessions = session_factory(engine)
+    app.state.store = ImageStore(settings.images_dir)
+    load_models(app)
+    yield
+    engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service; settings default to the environment's."""
+    app = FastAPI(
+        title="maxmin-inspect",
+        summary="A/B visual inspection: the plain CNN against the MaxMin CNN on your parts.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or get_settings()
+    app.add_middleware(BodyLimitMiddleware, max_bytes=app.state.settings.max_body_bytes)
+    for module in (health, predictions, images, stats, reports, pages):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable: %s", exc.orig)
+        return JSONResponse({"detail": "database unavailable, try again shortly"}, status_code=503)
+
+    return app

@@ -1,0 +1,111 @@
+"""Request and response schemas at the API's edge; routes return these, never ORM rows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelAnswer(BaseModel):
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    latency_ms: float
+    model_version: str
+
+
+class LabelEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    label: str
+    labelled_by: str | None
+    created_at: datetime
+
+
+class PredictionPublic(BaseModel):
+    id: int
+    image_sha256: str
+    image_url: str
+    created_at: datetime
+    source: str | None
+    part_id: str | None
+    filename: str | None
+    agree: bool
+    results: dict[str, ModelAnswer]
+    label: str | None = None
+    labelled_by: str | None = None
+    labelled_at: datetime | None = None
+    history: list[LabelEventPublic] = []
+
+
+class PredictionsPublic(BaseModel):
+    data: list[PredictionPublic]
+    count: int
+
+
+class LabelUpdate(BaseModel):
+    label: str = Field(min_length=1, max_length=200, examples=["scratch"])
+    labelled_by: str | None = Field(default=None, max_length=200, examples=["inspector-anna"])
+
+
+class Interval(BaseModel):
+    value: float | None
+    low: float | None
+    high: float | None
+
+
+class ModelStats(BaseModel):
+    accuracy: Interval
+    correct: int
+    labelled: int
+    confusion_matrix: list[list[int]]
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+
+
+class PairedStats(BaseModel):
+    model_a: str
+    model_b: str
+    accuracy_difference: Interval
+    only_a_correct: int
+    only_b_correct: int
+    mcnemar_p_value: float
+
+
+class StatsPublic(BaseModel):
+    since: datetime | None
+    until: datetime | None
+    classes: list[str]
+    predictions: int
+    labelled: int
+    unlabelled: int
+    agreement_rate: float | None
+    models: dict[str, ModelStats]
+    paired: PairedStats | None
+
+
+class RunSummary(BaseModel):
+    id: int
+    run_dir: str
+    created_at: datetime
+    registered_at: datetime
+    verdict: str
+    model_versions: dict[str, str]
+    report_url: str
+
+
+class RunsPublic(BaseModel):
+    data: list[RunSummary]
+    count: int
+
+
+class RunPublic(RunSummary):
+    report: dict
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None
+    models: dict[str, str] = {}
+    run: str | None = None

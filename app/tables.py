@@ -1,0 +1,106 @@
+"""Database tables (SQLAlchemy 2.0). Named tables.py so as not to clash with the models/ package."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StoredImage(Base):
+    """An uploaded image, stored once on disk under its sha256."""
+
+    __tablename__ = "images"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    content_type: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Prediction(Base):
+    """One image classified by the A/B models, and the inspector's current label for it."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"), index=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    source: Mapped[str | None] = mapped_column(String(200), index=True)
+    part_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    filename: Mapped[str | None] = mapped_column(String(255))
+    classes: Mapped[list[str]] = mapped_column(JSON)
+    agree: Mapped[bool] = mapped_column(Boolean, index=True)
+    label: Mapped[str | None] = mapped_column(String(200), index=True)
+    labelled_by: Mapped[str | None] = mapped_column(String(200))
+    labelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    outputs: Mapped[list[ModelOutput]] = relationship(
+        back_populates="prediction", order_by="ModelOutput.model_name", lazy="selectin"
+    )
+    history: Mapped[list[LabelEvent]] = relationship(
+        back_populates="prediction", order_by="LabelEvent.id", lazy="selectin"
+    )
+
+
+class ModelOutput(Base):
+    """What one model said about one prediction's image."""
+
+    __tablename__ = "model_outputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(
+        ForeignKey("predictions.id", ondelete="CASCADE"), index=True
+    )
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(128))
+    label: Mapped[str] = mapped_column(String(200), index=True)
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
+    latency_ms: Mapped[float] = mapped_column(Float)
+
+    prediction: Mapped[Prediction] = relationship(back_populates="outputs")
+
+
+class LabelEvent(Base):
+    """Every label an inspector gave, so a correction keeps the history."""
+
+    __tablename__ = "label_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(
+        ForeignKey("predictions.id", ondelete="CASCADE"), index=True
+    )
+    label: Mapped[str] = mapped_column(String(200))
+    labelled_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    prediction: Mapped[Prediction] = relationship(back_populates="history")
+
+
+class Run(Base):
+    """A registered PoC training run: its report and the versions of its models."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_dir: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    data_fingerprint: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(Text)
+    model_versions: Mapped[dict[str, str]] = mapped_column(JSON)
+    report: Mapped[dict] = mapped_column(JSON)
