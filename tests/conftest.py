@@ -65,3 +65,10 @@ def neu_dir() -> Path:
             pytest.fail(f"NEU data not found at {NEU_DIR} (MAXMIN_REQUIRE_NEU=1)")
         pytest.skip(f"NEU data not found at {NEU_DIR}; set MAXMIN_NEU_DIR to run this test")
     return NEU_DIR
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _service_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Commands that register runs write to a throwaway database, never the checkout's var/."""
+    os.environ["MAXMIN_DATA_DIR"] = str(tmp_path_factory.mktemp("service-data"))
+    os.environ.pop("DATABASE_URL", None)

@@ -23,6 +23,10 @@ class ImageError(ValueError):
     """The bytes are not a usable image; the message says why in plain words."""
 
 
+class ImageTooLarge(ImageError):
+    """The image's pixel count is over the limit (a decompression bomb or a wrong camera setting)."""
+
+
 def decode_image(
     data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: int | None = None
 ) -> Image.Image:
@@ -39,7 +43,7 @@ def decode_image(
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageError(
+                raise ImageTooLarge(
                     f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
                 )
             if draft_size is not None and img.format == "JPEG":
@@ -49,7 +53,7 @@ def decode_image(
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
+        raise ImageTooLarge(f"image too large (decompression bomb guard): {exc}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from app.api.deps import ClassifierDep, SessionDep, SettingsDep, StoreDep
@@ -27,7 +28,7 @@ from app.crud import (
 )
 from app.schemas import LabelUpdate, PredictionPublic, PredictionsPublic
 from app.tables import Prediction
-from training.imaging import ImageError
+from training.imaging import ImageError, ImageTooLarge
 
 router = APIRouter(tags=["predictions"])
 
@@ -121,9 +122,11 @@ async def _read_uploads(
         )
     try:
         form = await request.form(max_files=settings.max_files, max_fields=20)
-    except MultiPartException as exc:
-        status = 413 if "Too many" in str(exc) else 400
-        raise HTTPException(status, detail=f"malformed multipart body: {exc}") from None
+    except (MultiPartException, StarletteHTTPException) as exc:
+        # Starlette reports parser errors as a 400 of its own; too many files is a size limit.
+        message = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+        status = 413 if "Too many" in message else 400
+        raise HTTPException(status, detail=f"multipart body refused: {message}") from None
     files = form.getlist("files")
     if not files:
         raise HTTPException(422, detail="no images: send one or more files in the field 'files'")
@@ -157,7 +160,7 @@ def _classify(
         try:
             decoded.append(classifier.decode(data, max_pixels))
         except ImageError as exc:
-            status = 413 if "larger than the limit" in str(exc) or "too large" in str(exc) else 422
+            status = 413 if isinstance(exc, ImageTooLarge) else 422
             raise HTTPException(status, detail=f"file {label}: {exc}") from None
     results = classifier.classify(np.stack([d.array for d in decoded]))
     items = []

@@ -1,0 +1,335 @@
+"""The service against real models and a real database: SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from app.core.config import Settings
+from app.core.db import SchemaError, make_engine, upgrade
+from app.main import create_app
+from app.tables import LabelEvent, ModelOutput, Prediction, StoredImage
+from tests.service import (
+    CLASSES,
+    bomb_png,
+    flat_png,
+    jpeg_bytes,
+    png_bytes,
+    postgres_database,
+    train_small_run,
+)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_small_run(tmp_path_factory.mktemp("svc"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def settings(db_url: str, run_dir: Path, tmp_path: Path) -> Settings:
+    upgrade(db_url)
+    return Settings(
+        data_dir=tmp_path / "var",
+        database_url=db_url,
+        run_dir=run_dir,
+        device="cpu",
+        max_files=4,
+        max_file_bytes=200_000,
+        max_body_bytes=1_000_000,
+        max_image_pixels=1_000_000,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def counts(client: TestClient) -> tuple[int, int, int, int, int]:
+    """Rows in each table and files in the image store."""
+    engine = client.app.state.engine
+    with engine.connect() as conn:
+        rows = [
+            conn.execute(select(func.count()).select_from(t)).scalar_one()
+            for t in (StoredImage, Prediction, ModelOutput, LabelEvent)
+        ]
+    files = sum(1 for p in client.app.state.store.root.rglob("*") if p.is_file())
+    return (*rows, files)
+
+
+def predict(client: TestClient, *images: bytes, **data: str):  # noqa: ANN201
+    files = [("files", (f"part{i}.png", img, "image/png")) for i, img in enumerate(images)]
+    return client.post("/predict", files=files, data=data)
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert set(ready.json()["models"]) == {"baseline", "maxmin"}
+
+
+def test_predict_many_files_stores_each_once(client: TestClient) -> None:
+    a, b = png_bytes(1), png_bytes(2, brightness=200)
+    r = predict(client, a, b, a, source="line-3", part_id="P-17")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == 3
+    first = body["data"][0]
+    assert set(first["results"]) == {"baseline", "maxmin"}
+    for answer in first["results"].values():
+        assert answer["label"] in CLASSES
+        assert abs(sum(answer["probabilities"].values()) - 1) < 1e-3
+        assert answer["confidence"] == pytest.approx(
+            max(answer["probabilities"].values()), abs=1e-5
+        )
+        assert answer["latency_ms"] > 0 and ":" in answer["model_version"]
+    assert first["agree"] == (
+        first["results"]["baseline"]["label"] == first["results"]["maxmin"]["label"]
+    )
+    assert first["source"] == "line-3" and first["part_id"] == "P-17"
+    # Two distinct images: two files and two image rows; three predictions, six model outputs.
+    assert counts(client) == (2, 3, 6, 0, 2)
+    assert body["data"][0]["image_sha256"] == body["data"][2]["image_sha256"]
+    stored = client.get(first["image_url"])
+    assert stored.status_code == 200 and stored.content == a
+    assert stored.headers["content-type"] == "image/png"
+
+
+def test_predict_raw_body(client: TestClient) -> None:
+    r = client.post(
+        "/predict?source=cam-2", content=jpeg_bytes(3), headers={"Content-Type": "image/jpeg"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["source"] == "cam-2"
+    assert counts(client)[:2] == (1, 1)
+
+
+def test_same_image_classifies_the_same_way(client: TestClient) -> None:
+    img = png_bytes(7)
+    one = predict(client, img).json()["data"][0]["results"]
+    two = client.post("/predict", content=img, headers={"Content-Type": "image/png"}).json()
+    assert one["maxmin"]["probabilities"] == two["data"][0]["results"]["maxmin"]["probabilities"]
+
+
+BAD_UPLOADS = [
+    ("not an image", lambda c: predict(c, b"hello, I am text"), 422, "not a recognised image"),
+    ("truncated", lambda c: predict(c, png_bytes(1)[:80]), 422, "corrupt or truncated"),
+    ("bomb", lambda c: predict(c, bomb_png()), 413, "too large"),
+    ("over pixel limit", lambda c: predict(c, flat_png(1100)), 413, "more than the limit"),
+    ("empty file", lambda c: predict(c, b""), 422, "is empty"),
+    ("one bad among good", lambda c: predict(c, png_bytes(1), b"xx"), 422, "'part1.png'"),
+    ("too many files", lambda c: predict(c, *[png_bytes(i) for i in range(5)]), 413, "Too many"),
+    ("file over limit", lambda c: predict(c, jpeg_bytes(0, size=600)), 413, "larger than 200000"),
+    (
+        "body over limit",
+        lambda c: c.post(
+            "/predict", content=b"x" * 1_100_000, headers={"Content-Type": "image/png"}
+        ),
+        413,
+        "limit",
+    ),
+    (
+        "no files field",
+        lambda c: c.post(
+            "/predict", data={"source": "x"}, files=[("other", ("a.png", b"1", "image/png"))]
+        ),
+        422,
+        "no images",
+    ),
+    (
+        "empty raw body",
+        lambda c: c.post("/predict", content=b"", headers={"Content-Type": "image/png"}),
+        400,
+        "empty",
+    ),
+    ("wrong type", lambda c: c.post("/predict", json={"image": "x"}), 415, "multipart"),
+    (
+        "truncated multipart",
+        lambda c: c.post(
+            "/predict",
+            content=b'--xyz\r\nContent-Disposition: form-data; name="files"\r\n\r\nabc',
+            headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+        ),
+        422,
+        "no images",
+    ),
+    (
+        "no boundary",
+        lambda c: c.post(
+            "/predict", content=b"abc", headers={"Content-Type": "multipart/form-data"}
+        ),
+        400,
+        "boundary",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "send", "status", "message"), BAD_UPLOADS, ids=[c[0] for c in BAD_UPLOADS]
+)
+def test_bad_uploads_get_clear_errors_and_store_nothing(
+    client: TestClient,
+    case: str,
+    send,
+    status: int,
+    message: str,  # noqa: ANN001
+) -> None:
+    predict(client, png_bytes(99))  # something stored before, which must survive untouched
+    before = counts(client)
+    r = send(client)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert message in (detail if isinstance(detail, str) else str(detail))
+    assert counts(client) == before
+    assert client.get("/readyz").status_code == 200
+
+
+def test_labels_keep_history_and_are_validated(client: TestClient) -> None:
+    pid = predict(client, png_bytes(5)).json()["data"][0]["id"]
+    r = client.put(f"/predictions/{pid}/label", json={"label": "dent", "labelled_by": "anna"})
+    assert r.status_code == 200 and r.json()["label"] == "dent"
+    r = client.put(f"/predictions/{pid}/label", json={"label": "scratch", "labelled_by": "ben"})
+    body = r.json()
+    assert body["label"] == "scratch" and body["labelled_by"] == "ben"
+    assert [h["label"] for h in body["history"]] == ["dent", "scratch"]
+    bad = client.put(f"/predictions/{pid}/label", json={"label": "rust"})
+    assert bad.status_code == 422 and "'rust' is not one of the classes" in bad.json()["detail"]
+    missing = client.put("/predictions/999999/label", json={"label": "dent"})
+    assert missing.status_code == 404 and "999999" in missing.json()["detail"]
+    malformed = client.put(
+        f"/predictions/{pid}/label",
+        content=b"{label: ",
+        headers={"Content-Type": "application/json"},
+    )
+    assert malformed.status_code == 422
+    assert client.get(f"/predictions/{pid}").json()["label"] == "scratch"
+    assert counts(client)[3] == 2
+
+
+def test_listing_filters_and_pages(client: TestClient) -> None:
+    ids = [
+        predict(client, png_bytes(i), source=f"line-{i % 2}").json()["data"][0]["id"]
+        for i in range(6)
+    ]
+    client.put(f"/predictions/{ids[0]}/label", json={"label": "good"})
+    assert client.get("/predictions").json()["count"] == 6
+    assert client.get("/predictions?source=line-1").json()["count"] == 3
+    assert [p["id"] for p in client.get("/predictions?labelled=true").json()["data"]] == [ids[0]]
+    assert client.get("/predictions?labelled=false").json()["count"] == 5
+    page = client.get("/predictions?limit=4&skip=4").json()
+    assert page["count"] == 6 and [p["id"] for p in page["data"]] == ids[1::-1]
+    everything = client.get("/predictions").json()["data"]
+    disagree = {p["id"] for p in everything if not p["agree"]}
+    assert {p["id"] for p in client.get("/predictions?disagree=true").json()["data"]} == disagree
+    for cls in CLASSES:
+        hit = {p["id"] for p in everything if cls in {r["label"] for r in p["results"].values()}}
+        assert {p["id"] for p in client.get(f"/predictions?predicted={cls}").json()["data"]} == hit
+    assert client.get("/predictions?since=2999-01-01T00:00:00Z").json()["count"] == 0
+    assert client.get("/predictions?until=2999-01-01T00:00:00Z").json()["count"] == 6
+    assert client.get("/predictions?limit=0").status_code == 422
+    assert client.get("/predictions?since=yesterday").status_code == 422
+    assert client.get("/predictions/424242").status_code == 404
+    assert client.get("/images/" + "0" * 64).status_code == 404
+    assert client.get("/images/not-a-hash").status_code == 422
+
+
+def test_stats_match_the_labels(client: TestClient) -> None:
+    preds = [
+        predict(client, png_bytes(i, brightness=60 + 40 * i)).json()["data"][0] for i in range(5)
+    ]
+    truth = ["dent", "good", "scratch", "good", "dent"]
+    for p, label in zip(preds[:4], truth, strict=False):  # the last one stays unlabelled
+        client.put(f"/predictions/{p['id']}/label", json={"label": label})
+    s = client.get("/stats").json()
+    assert s["predictions"] == 5 and s["labelled"] == 4 and s["unlabelled"] == 1
+    assert s["agreement_rate"] == pytest.approx(sum(p["agree"] for p in preds) / 5)
+    for name in ("baseline", "maxmin"):
+        right = sum(
+            p["results"][name]["label"] == t for p, t in zip(preds, truth[:4], strict=False)
+        )
+        m = s["models"][name]
+        assert m["correct"] == right and m["labelled"] == 4
+        assert m["accuracy"]["value"] == pytest.approx(right / 4)
+        assert m["accuracy"]["low"] <= right / 4 <= m["accuracy"]["high"]
+        assert sum(map(sum, m["confusion_matrix"])) == 4
+        assert m["latency_ms_p50"] > 0
+    paired = s["paired"]
+    only_b = sum(
+        p["results"]["maxmin"]["label"] == t != p["results"]["baseline"]["label"]
+        for p, t in zip(preds, truth[:4], strict=False)
+    )
+    assert paired["only_b_correct"] == only_b
+    assert client.get("/stats?since=2999-01-01T00:00:00Z").json()["predictions"] == 0
+
+
+def test_reports_api_and_page(client: TestClient, run_dir: Path) -> None:
+    from app.crud import register_run
+
+    assert client.get("/reports").json()["count"] == 0
+    with client.app.state.sessions() as session:
+        run = register_run(session, run_dir)
+        register_run(session, run_dir)  # registering again updates, never duplicates
+    listed = client.get("/reports").json()
+    assert listed["count"] == 1 and set(listed["data"][0]["model_versions"]) == {
+        "baseline",
+        "maxmin",
+    }
+    full = client.get(f"/reports/{run.id}").json()
+    assert full["report"]["verdict"] == full["verdict"]
+    page = client.get(f"/reports/{run.id}", headers={"Accept": "text/html"})
+    assert page.headers["content-type"].startswith("text/html") and "<svg" in page.text
+    assert client.get("/reports/77").status_code == 404
+    dash = client.get("/dashboard")
+    assert dash.status_code == 200 and full["verdict"][:30] in dash.text
+
+
+def test_pages_render(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="upload"' in page.text
+    for cls in CLASSES:
+        assert cls in page.text
+    assert client.get("/dashboard").status_code == 200
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_unmigrated_database_is_refused(tmp_path: Path, run_dir: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    app = create_app(Settings(data_dir=tmp_path, database_url=url, run_dir=run_dir))
+    with pytest.raises(SchemaError, match="maxmin-inspect db upgrade"):
+        with TestClient(app):
+            pass
+
+
+def test_not_ready_without_models(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, runs_dir=tmp_path / "none")
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "maxmin-inspect train" in r.json()["detail"]
+        p = c.post("/predict", files=[("files", ("a.png", png_bytes(), "image/png"))])
+        assert p.status_code == 503 and "maxmin-inspect train" in p.json()["detail"]
+        assert c.get("/").status_code == 200
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(url)
+    make_engine(url).connect().close()
+    assert sqlite3.connect(tmp_path / "w.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
