@@ -1,11 +1,12 @@
-# Quick start: `make run` (set up, make demo data, train, write the report) and `make test`.
+# Quick start: `make run` (set up, train on demo data if no models yet, serve) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/maxmin-inspect
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/demo
+PORT ?= 8000
 
-.PHONY: install run demo-report test lint clean
+.PHONY: install run test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,15 +15,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-$(DEMO_DATA): | install
-	$(CLI) demo-data $(DEMO_DATA)
-
-# The demo profile: 48 px, 12 epochs, 3 seeds; a few minutes on a 2-core CPU.
-run: install $(DEMO_DATA)
-	$(CLI) train $(DEMO_DATA) --size 48 --epochs 12 --seeds 3 --out $(DEMO_RUN)
-	@echo
-	@echo "Demo data:  $(DEMO_DATA) (synthetic metal surfaces: dent, good, scratch, spots)"
-	@echo "PoC report: $(DEMO_RUN)/report.html (open it in a browser)"
+# The demo profile: 48 px, 12 epochs, 3 seeds; a few minutes on a 2-core CPU. Trains only when
+# no demo run exists yet, then migrates the database and starts the service.
+run: install
+	@set -e; if [ ! -f $(DEMO_RUN)/report.json ]; then \
+		[ -d $(DEMO_DATA) ] || $(CLI) demo-data $(DEMO_DATA); \
+		$(CLI) train $(DEMO_DATA) --size 48 --epochs 12 --seeds 3 --out $(DEMO_RUN); \
+	fi
+	$(CLI) db upgrade
+	$(CLI) serve --host 127.0.0.1 --port $(PORT)
 
 test: install
 	$(PY) -m pytest -q
@@ -32,4 +33,4 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs data .pytest_cache
+	rm -rf $(VENV) runs data var .pytest_cache

@@ -1,0 +1,110 @@
+"""The pages in a real browser: upload on the inspector page, label, see it on the dashboard.
+
+Runs the service in its own process (uvicorn on loopback) and drives Debian's Chromium through
+Playwright. CI installs Chromium and sets MAXMIN_REQUIRE_BROWSER=1, so there a missing browser fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.core.db import make_engine, session_factory, upgrade
+from app.crud import register_run
+from tests.service import png_bytes, train_small_run
+
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def _chromium() -> str:
+    path = os.environ.get("MAXMIN_CHROMIUM") or shutil.which("chromium") or shutil.which(
+        "chromium-browser"
+    )
+    if not path:
+        if os.environ.get("MAXMIN_REQUIRE_BROWSER") == "1":
+            pytest.fail("Chromium not found but MAXMIN_REQUIRE_BROWSER=1")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("browser")
+    run_dir = train_small_run(root)
+    url = f"sqlite:///{root / 'var' / 'maxmin.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with session_factory(engine)() as session:
+        register_run(session, run_dir)
+    engine.dispose()
+    port = _free_port()
+    env = {**os.environ, "MAXMIN_DATA_DIR": str(root / "var"), "DATABASE_URL": url,
+           "MAXMIN_RUN_DIR": str(run_dir), "MAXMIN_DEVICE": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env=env, cwd=Path(__file__).resolve().parents[1],
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the service did not become ready within 60 s")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_upload_label_and_see_it_on_the_dashboard(server: str, tmp_path: Path) -> None:
+    executable = _chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    image = tmp_path / "part-0042.png"
+    image.write_bytes(png_bytes(42))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/dashboard")
+            expect(page.locator("#labelled-count")).to_have_text("0")
+            page.goto(f"{server}/")
+            page.set_input_files("#files", str(image))
+            page.click("#send")
+            card = page.locator(".card").first
+            expect(card.locator(".answer")).to_have_count(2)  # both models answered
+            expect(card.locator(".model-label").first).not_to_be_empty()
+            card.locator("button[data-label='scratch']").click()
+            expect(card.locator(".label-status")).to_have_text("Labelled scratch.")
+            page.goto(f"{server}/dashboard")
+            expect(page.locator("#labelled-count")).to_have_text("1")
+            expect(page.locator("#live")).to_contain_text("maxmin")
+            page.goto(f"{server}/")
+            expect(page.locator("#recent")).to_contain_text("scratch")
+        finally:
+            browser.close()
