@@ -198,7 +198,7 @@ def compute_stats(
     models: list[str],
     classes: list[str],
 ) -> dict:
-    """Live A/B from inspectors' labels: accuracy with intervals, paired test, confusion, latency."""
+    """Live A/B from inspectors' labels: accuracy with intervals, paired test, confusion."""
     f = PredictionFilter(since=since, until=until)
     total = session.execute(_filtered(select(func.count(Prediction.id)), f)).scalar_one()
     agree = session.execute(

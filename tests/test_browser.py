@@ -1,7 +1,7 @@
 """The pages in a real browser: upload on the inspector page, label, see it on the dashboard.
 
 Runs the service in its own process (uvicorn on loopback) and drives Debian's Chromium through
-Playwright. CI installs Chromium and sets MAXMIN_REQUIRE_BROWSER=1, so there a missing browser fails.
+Playwright. CI installs Chromium and sets MAXMIN_REQUIRE_BROWSER=1: there a missing browser fails.
 """
 
 from __future__ import annotations
@@ -23,14 +23,22 @@ from app.crud import register_run
 from tests.service import png_bytes, train_small_run
 
 CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
 def _chromium() -> str:
-    path = os.environ.get("MAXMIN_CHROMIUM") or shutil.which("chromium") or shutil.which(
-        "chromium-browser"
+    path = (
+        os.environ.get("MAXMIN_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
     )
     if not path:
         if os.environ.get("MAXMIN_REQUIRE_BROWSER") == "1":
@@ -56,12 +64,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         register_run(session, run_dir)
     engine.dispose()
     port = _free_port()
-    env = {**os.environ, "MAXMIN_DATA_DIR": str(root / "var"), "DATABASE_URL": url,
-           "MAXMIN_RUN_DIR": str(run_dir), "MAXMIN_DEVICE": "cpu"}
+    env = {
+        **os.environ,
+        "MAXMIN_DATA_DIR": str(root / "var"),
+        "DATABASE_URL": url,
+        "MAXMIN_RUN_DIR": str(run_dir),
+        "MAXMIN_DEVICE": "cpu",
+    }
+    # The real start-up path: `maxmin-inspect serve` (migrates, then runs uvicorn).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, cwd=Path(__file__).resolve().parents[1],
+        [sys.executable, "-m", "training.cli", "serve", "--port", str(port)],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -167,3 +167,38 @@ def test_demo_data_command(tmp_path: Path) -> None:
         "spots",
     ]
     assert len(list((tmp_path / "d" / "spots").glob("*.png"))) == 3
+
+
+def test_finished_train_registers_its_run(run_dir: Path) -> None:
+    from sqlalchemy import select
+
+    from app.core.config import Settings
+    from app.core.db import make_engine, session_factory
+    from app.tables import Run
+
+    engine = make_engine(Settings().db_url)  # the throwaway database the tests point at
+    with session_factory(engine)() as session:
+        runs = {r.run_dir: r for r in session.execute(select(Run)).scalars()}
+    engine.dispose()
+    assert str(run_dir.resolve()) in runs
+    run = runs[str(run_dir.resolve())]
+    assert set(run.model_versions) == {"baseline", "maxmin", "maxmin_half"}
+    assert run.verdict == json.loads((run_dir / "report.json").read_text())["verdict"]
+
+
+def test_import_run_command(
+    run_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MAXMIN_DATA_DIR", str(tmp_path / "var"))
+    assert main(["db", "upgrade"]) == 0
+    assert main(["import-run", str(run_dir)]) == 0
+    assert "as report 1" in capsys.readouterr().out
+    assert main(["import-run", str(tmp_path)]) == 2
+    assert "report.json not found" in capsys.readouterr().err
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    assert main(["db", "upgrade"]) == 1
+    err = capsys.readouterr().err
+    assert "database error" in err and "Traceback" not in err

@@ -24,7 +24,7 @@ class ImageError(ValueError):
 
 
 class ImageTooLarge(ImageError):
-    """The image's pixel count is over the limit (a decompression bomb or a wrong camera setting)."""
+    """The pixel count is over the limit (a decompression bomb or a wrong camera setting)."""
 
 
 def decode_image(

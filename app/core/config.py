@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         if self.database_url:
+            # Plain postgres URLs (as hosting platforms hand them out) use the psycopg 3 driver.
+            for prefix in ("postgres://", "postgresql://"):
+                if self.database_url.startswith(prefix):
+                    return "postgresql+psycopg://" + self.database_url[len(prefix) :]
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'maxmin.db').as_posix()}"
 

@@ -23,7 +23,7 @@ class ImageStore:
         return self.path(sha256).is_file()
 
     def put(self, sha256: str, data: bytes) -> bool:
-        """Write the bytes atomically unless already stored; True when this call created the file."""
+        """Write the bytes atomically unless stored already; True when this call made the file."""
         target = self.path(sha256)
         if target.is_file():
             return False
