@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.api.routes import health, images, pages, predictions, reports, stats
+from app.core.batcher import MicroBatcher
 from app.core.config import Settings, get_settings
 from app.core.db import check_schema, make_engine, session_factory
 from app.core.inference import Classifier, ModelsUnavailable
@@ -73,7 +74,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessions = session_factory(engine)
     app.state.store = ImageStore(settings.images_dir)
     load_models(app)
+    app.state.batcher = None
+    if app.state.classifier is not None:
+        app.state.batcher = MicroBatcher(
+            app.state.classifier,
+            settings.batch_max_size,
+            settings.batch_wait_ms,
+            settings.queue_max,
+        )
     yield
+    if app.state.batcher is not None:
+        app.state.batcher.close()
     engine.dispose()
 
 

@@ -333,3 +333,10 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     upgrade(url)
     make_engine(url).connect().close()
     assert sqlite3.connect(tmp_path / "w.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_server_timing_says_where_time_goes(client: TestClient) -> None:
+    r = predict(client, png_bytes(11))
+    parts = dict(p.strip().split(";", 1) for p in r.headers["Server-Timing"].split(","))
+    assert {"parse", "decode", "queue", "model", "db", "serialize", "batch"} <= set(parts)
+    assert float(parts["model"].split("=")[1]) > 0

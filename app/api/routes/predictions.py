@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from app.api.deps import ClassifierDep, SessionDep, SettingsDep, StoreDep
-from app.core.inference import Classifier
+from app.core.batcher import BatchResult, Overloaded
+from app.core.inference import Classifier, Decoded
 from app.crud import (
     InvalidLabel,
     NewImage,
@@ -148,12 +152,10 @@ async def _read_uploads(
     return uploads, source, part_id
 
 
-def _classify(
+def _decode_all(
     classifier: Classifier, uploads: list[tuple[str | None, bytes]], max_pixels: int
-) -> list[tuple[NewImage, list[NewOutput]]]:
-    """Decode every upload (all must be images) and run the A/B models on them as one batch."""
-    import numpy as np
-
+) -> list[Decoded]:
+    """Decode and preprocess every upload; all must be images or the request is refused."""
     decoded = []
     for i, (name, data) in enumerate(uploads):
         label = repr(name) if name else f"#{i + 1}"
@@ -162,11 +164,20 @@ def _classify(
         except ImageError as exc:
             status = 413 if isinstance(exc, ImageTooLarge) else 422
             raise HTTPException(status, detail=f"file {label}: {exc}") from None
-    results = classifier.classify(np.stack([d.array for d in decoded]))
+    return decoded
+
+
+def _build_items(
+    classifier: Classifier,
+    uploads: list[tuple[str | None, bytes]],
+    decoded: list[Decoded],
+    result: BatchResult,
+) -> list[tuple[NewImage, list[NewOutput]]]:
+    """Pair each upload with every model's answer for it."""
     items = []
     for i, ((name, data), d) in enumerate(zip(uploads, decoded, strict=True)):
         outputs = []
-        for model_name, (probs, latency) in results.items():
+        for model_name, (probs, latency) in result.outputs.items():
             p = probs[i]
             k = int(p.argmax())
             outputs.append(
@@ -211,15 +222,42 @@ async def create_prediction(
     classifier: ClassifierDep,
     session: SessionDep,
     store: StoreDep,
-) -> PredictionsPublic:
-    """Classify each image with every A/B model; store the image once and the predictions."""
+) -> Response:
+    """Classify each image with every A/B model; store the image once and the predictions.
+
+    The response's Server-Timing header says where the time went: parse, decode (and
+    preprocess), queue (waiting for a batch), model, db, serialize.
+    """
+    t0 = time.perf_counter()
     uploads, source, part_id = await _read_uploads(request, settings)
-    items = await run_in_threadpool(_classify, classifier, uploads, settings.max_image_pixels)
+    t1 = time.perf_counter()
+    decoded = await run_in_threadpool(_decode_all, classifier, uploads, settings.max_image_pixels)
+    t2 = time.perf_counter()
+    batcher = request.app.state.batcher
+    try:
+        result = await asyncio.wrap_future(batcher.submit(np.stack([d.array for d in decoded])))
+    except Overloaded as exc:
+        raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
+    t3 = time.perf_counter()
+    items = _build_items(classifier, uploads, decoded, result)
     preds = await run_in_threadpool(
         store_predictions, session, store, items, classifier.classes, source, part_id
     )
+    t4 = time.perf_counter()
     data = [to_public(p) for p in preds]
-    return PredictionsPublic(data=data, count=len(data))
+    body = PredictionsPublic(data=data, count=len(data)).model_dump_json()
+    t5 = time.perf_counter()
+    timing = {
+        "parse": t1 - t0,
+        "decode": t2 - t1,
+        "queue": result.queue_ms / 1000,
+        "model": result.model_ms / 1000,
+        "db": t4 - t3,
+        "serialize": t5 - t4,
+    }
+    header = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timing.items())
+    header += f', batch;desc="{result.batch_size}"'
+    return Response(body, media_type="application/json", headers={"Server-Timing": header})
 
 
 @router.get("/predictions", response_model=PredictionsPublic, summary="List stored predictions")

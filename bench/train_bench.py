@@ -1,0 +1,243 @@
+"""This project's trainer against the plain PyTorch way, side by side, same models, data and budget.
+
+The plain way: torchvision ImageFolder + DataLoader (default settings) decoding every image each
+epoch, an eager fp32 loop, default torch threads. This trainer: decode once into one uint8 tensor,
+batches sliced from it on the device, channels_last on the CPU, bf16 autocast on CUDA.
+
+Both train every model for the same epochs and batch size on the same training images, evaluating
+the same validation images after each epoch; each repeat runs each side in a fresh process (so peak
+memory is its own), alternating which goes first. Reported: images/s per model, the whole PoC-shaped
+run's wall time (decoding included), peak memory, and the final validation accuracy so that speed
+is never bought with accuracy. Medians over repeats.
+
+Usage: python bench/train_bench.py DATA [--size 64] [--epochs 3] [--repeats 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODELS = ("baseline", "maxmin", "maxmin_half")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_plain(args: argparse.Namespace) -> dict:
+    """ImageFolder + DataLoader, per-epoch decoding, eager fp32."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    from models import create_model
+    from training.data import load_dataset
+
+    device = torch.device(args.device)
+    t_start = time.perf_counter()
+    # The same split as the trainer's, mapped onto ImageFolder's file order (no decoding here:
+    # the split only needs names, and the trainer's cache is not used by this side).
+    split = load_dataset(Path(args.data), size=args.size, progress=False, cache_dir=None)
+    ds_probe = datasets.ImageFolder(args.data)
+    pos = {str(Path(p).resolve()): i for i, (p, _) in enumerate(ds_probe.samples)}
+    train_idx = [pos[str(Path(split.paths[i]).resolve())] for i in split.indices("train")]
+    val_idx = [pos[str(Path(split.paths[i]).resolve())] for i in split.indices("val")]
+    split_seconds = time.perf_counter() - t_start
+    grey = [transforms.Grayscale(1)] if split.channels == 1 else []
+    norm = transforms.Normalize(split.mean, split.std)
+    train_tf = transforms.Compose(
+        [
+            *grey,
+            transforms.Resize((args.size, args.size)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            norm,
+        ]
+    )
+    val_tf = transforms.Compose(
+        [*grey, transforms.Resize((args.size, args.size)), transforms.ToTensor(), norm]
+    )
+    train_ds = Subset(datasets.ImageFolder(args.data, transform=train_tf), train_idx)
+    val_ds = Subset(datasets.ImageFolder(args.data, transform=val_tf), val_idx)
+    kwargs = {
+        "num_classes": len(split.classes),
+        "in_channels": split.channels,
+        "image_size": args.size,
+    }
+    out = {}
+    for arch in args.models:
+        torch.manual_seed(0)
+        model = create_model(arch, **kwargs).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=5e-4)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True)
+        val_loader = DataLoader(val_ds, batch_size=256)
+        t0 = time.perf_counter()
+        for _ in range(args.epochs):
+            model.train()
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for x, y in val_loader:
+                    correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        out[arch] = {
+            "seconds": seconds,
+            "images_per_s": len(train_idx) * args.epochs / seconds,
+            "val_accuracy": correct / len(val_idx),
+        }
+    total = time.perf_counter() - t_start - split_seconds
+    return {
+        "models": out,
+        "total_seconds": total,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    """This project's trainer: decode once, resident tensor, the engine's fit()."""
+    from training.data import load_dataset
+    from training.engine import TrainConfig, fit
+
+    device = torch.device(args.device)
+    t_start = time.perf_counter()
+    ds = load_dataset(Path(args.data), size=args.size, progress=False, cache_dir=None)
+    mean = torch.tensor(ds.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std, device=device).view(1, -1, 1, 1)
+    splits = {}
+    for name in ("train", "val", "test"):
+        idx = torch.as_tensor(ds.indices(name))
+        images = ds.images[idx].to(device)
+        if device.type == "cpu":
+            images = images.contiguous(memory_format=torch.channels_last)
+        splits[name] = (images, ds.labels[idx].to(device))
+    kwargs = {"num_classes": len(ds.classes), "in_channels": ds.channels, "image_size": args.size}
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, augment=("hflip",), device=str(device)
+    )
+    out = {}
+    n_train = len(ds.indices("train"))
+    for arch in args.models:
+        res = fit(arch, kwargs, splits, mean, std, 0, cfg)
+        out[arch] = {
+            "seconds": res.train_seconds,
+            "images_per_s": n_train * args.epochs / res.train_seconds,
+            "val_accuracy": res.val_accuracy[-1],
+        }
+    total = time.perf_counter() - t_start
+    return {
+        "models": out,
+        "total_seconds": total,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--impl", choices=["plain", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON summary here")
+    args = parser.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    if args.impl:  # a child process: one side, one repeat
+        print(json.dumps((run_plain if args.impl == "plain" else run_ours)(args)))
+        return
+    runs: dict[str, list[dict]] = {"plain": [], "ours": []}
+    base = [
+        sys.executable,
+        __file__,
+        args.data,
+        "--size",
+        str(args.size),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--models",
+        ",".join(args.models),
+    ]
+    for r in range(args.repeats):
+        for impl in ("plain", "ours") if r % 2 == 0 else ("ours", "plain"):
+            proc = subprocess.run(
+                [*base, "--impl", impl],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+            )
+            if proc.returncode:
+                sys.exit(f"{impl} failed:\n{proc.stderr[-3000:]}")
+            runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(
+                f"repeat {r + 1} {impl}: {runs[impl][-1]['total_seconds']:.1f} s", file=sys.stderr
+            )
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    summary = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "size": args.size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "models": {},
+    }
+    for arch in args.models:
+        row = {}
+        for impl in ("plain", "ours"):
+            row[f"{impl}_images_per_s"] = round(
+                med([x["models"][arch]["images_per_s"] for x in runs[impl]]), 1
+            )
+            row[f"{impl}_val_accuracy"] = round(
+                med([x["models"][arch]["val_accuracy"] for x in runs[impl]]), 4
+            )
+        row["speedup"] = round(row["ours_images_per_s"] / row["plain_images_per_s"], 2)
+        summary["models"][arch] = row
+    for impl in ("plain", "ours"):
+        summary[f"{impl}_total_seconds"] = round(med([x["total_seconds"] for x in runs[impl]]), 2)
+        summary[f"{impl}_peak_rss_mb"] = round(
+            med([x["peak_rss_bytes"] for x in runs[impl]]) / 1e6, 1
+        )
+        if args.device.startswith("cuda"):
+            summary[f"{impl}_peak_cuda_mb"] = round(
+                med([x["peak_cuda_bytes"] for x in runs[impl]]) / 1e6, 1
+            )
+    summary["end_to_end_speedup"] = round(
+        summary["plain_total_seconds"] / summary["ours_total_seconds"], 2
+    )
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
