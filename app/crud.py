@@ -61,52 +61,66 @@ def _insert_ignore(session: Session, table, rows: list[dict]) -> None:  # noqa: 
     session.execute(module.insert(table).values(rows).on_conflict_do_nothing())
 
 
-def store_predictions(
-    session: Session,
-    store: ImageStore,
-    items: list[tuple[NewImage, list[NewOutput]]],
-    classes: list[str],
-    source: str | None,
-    part_id: str | None,
+@dataclass
+class PredictionBatch:
+    """One request's images and model answers, to be stored all or nothing."""
+
+    items: list[tuple[NewImage, list[NewOutput]]]
+    classes: list[str]
+    source: str | None
+    part_id: str | None
+
+
+def _stage(
+    session: Session, store: ImageStore, batch: PredictionBatch, created: list[str]
 ) -> list[Prediction]:
-    """Write the images (once each) and all predictions in one transaction; all or nothing.
+    """Write the image files (once each) and add the rows to the session, without committing."""
+    for image, _ in batch.items:
+        if store.put(image.sha256, image.data):
+            created.append(image.sha256)
+    rows = {
+        img.sha256: {
+            "sha256": img.sha256,
+            "content_type": img.content_type,
+            "size_bytes": len(img.data),
+            "width": img.width,
+            "height": img.height,
+            "created_at": utcnow(),
+        }
+        for img, _ in batch.items
+    }
+    _insert_ignore(session, StoredImage.__table__, list(rows.values()))
+    predictions = []
+    for image, outputs in batch.items:
+        pred = Prediction(
+            image_sha256=image.sha256,
+            source=batch.source,
+            part_id=batch.part_id,
+            filename=image.filename,
+            classes=batch.classes,
+            agree=len({o.label for o in outputs}) == 1,
+            created_at=utcnow(),
+        )
+        pred.outputs = [ModelOutput(**o.__dict__) for o in outputs]
+        pred.history = []  # loaded, so the row can be read after its session closes
+        session.add(pred)
+        predictions.append(pred)
+    return predictions
+
+
+def store_batches(
+    session: Session, store: ImageStore, batches: list[PredictionBatch]
+) -> list[list[Prediction]]:
+    """Store several requests' predictions in one transaction (a group commit); all or nothing.
 
     Image files are written before the commit; if the transaction fails, files this call created
     and that no committed row refers to are removed again, so no orphan files stay behind.
     """
     created: list[str] = []
     try:
-        for image, _ in items:
-            if store.put(image.sha256, image.data):
-                created.append(image.sha256)
-        rows = {
-            img.sha256: {
-                "sha256": img.sha256,
-                "content_type": img.content_type,
-                "size_bytes": len(img.data),
-                "width": img.width,
-                "height": img.height,
-                "created_at": utcnow(),
-            }
-            for img, _ in items
-        }
-        _insert_ignore(session, StoredImage.__table__, list(rows.values()))
-        predictions = []
-        for image, outputs in items:
-            pred = Prediction(
-                image_sha256=image.sha256,
-                source=source,
-                part_id=part_id,
-                filename=image.filename,
-                classes=classes,
-                agree=len({o.label for o in outputs}) == 1,
-                created_at=utcnow(),
-            )
-            pred.outputs = [ModelOutput(**o.__dict__) for o in outputs]
-            session.add(pred)
-            predictions.append(pred)
+        staged = [_stage(session, store, b, created) for b in batches]
         session.commit()
-        return predictions
+        return staged
     except BaseException:
         session.rollback()
         for sha in created:
@@ -117,6 +131,13 @@ def store_predictions(
             if not still_used:
                 store.remove(sha)
         raise
+
+
+def store_predictions(
+    session: Session, store: ImageStore, batch: PredictionBatch
+) -> list[Prediction]:
+    """One request's predictions in their own transaction."""
+    return store_batches(session, store, [batch])[0]
 
 
 def get_prediction(session: Session, prediction_id: int) -> Prediction:

@@ -22,6 +22,7 @@ from app.core.db import check_schema, make_engine, session_factory
 from app.core.inference import Classifier, ModelsUnavailable
 from app.core.limits import BodyLimitMiddleware
 from app.core.storage import ImageStore
+from app.core.writer import GroupWriter
 from app.crud import latest_run
 from training.checkpoint import CheckpointError
 
@@ -74,6 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessions = session_factory(engine)
     app.state.store = ImageStore(settings.images_dir)
     load_models(app)
+    app.state.writer = GroupWriter(app.state.sessions, app.state.store)
     app.state.batcher = None
     if app.state.classifier is not None:
         app.state.batcher = MicroBatcher(
@@ -85,6 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     if app.state.batcher is not None:
         app.state.batcher.close()
+    app.state.writer.close()
     engine.dispose()
 
 

@@ -340,3 +340,28 @@ def test_server_timing_says_where_time_goes(client: TestClient) -> None:
     parts = dict(p.strip().split(";", 1) for p in r.headers["Server-Timing"].split(","))
     assert {"parse", "decode", "queue", "model", "db", "serialize", "batch"} <= set(parts)
     assert float(parts["model"].split("=")[1]) > 0
+
+
+def test_group_commit_isolates_a_failing_request(client: TestClient) -> None:
+    import hashlib
+
+    from sqlalchemy.exc import IntegrityError
+
+    from app.crud import NewImage, NewOutput, PredictionBatch
+
+    def batch(seed: int, label: str | None) -> PredictionBatch:
+        data = png_bytes(seed)
+        image = NewImage(hashlib.sha256(data).hexdigest(), data, "image/png", 32, 32, None)
+        out = NewOutput("baseline", "v1", label, 0.9, {"dent": 0.9}, 1.0)  # type: ignore[arg-type]
+        return PredictionBatch([(image, [out])], CLASSES, "line-9", None)
+
+    writer = client.app.state.writer
+    batches = [batch(501, "dent"), batch(502, None), batch(503, "good")]  # None breaks NOT NULL
+    futures = [writer.submit(b) for b in batches]
+    assert futures[0].result(timeout=30)[0].id > 0
+    with pytest.raises(IntegrityError):
+        futures[1].result(timeout=30)
+    assert futures[2].result(timeout=30)[0].id > 0
+    # Exactly the two good requests were stored, with their files; the failed one left nothing.
+    assert counts(client) == (2, 2, 2, 0, 2)
+    assert not client.app.state.store.exists(batches[1].items[0][0].sha256)

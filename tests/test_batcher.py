@@ -1,4 +1,4 @@
-"""Micro-batching: batched answers equal single ones, requests share batches, the queue is bounded."""
+"""Micro-batching: batched answers equal single ones, requests share batches, bounded queue."""
 
 from __future__ import annotations
 

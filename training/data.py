@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from training.imaging import IMAGE_SUFFIXES, ImageError, decode_image, is_grey, to_array
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # bump whenever decoding or preprocessing changes
 SPLITS = ("train", "val", "test")
 
 

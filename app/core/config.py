@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000  # decoded size guard against decompression bombs
     page_size_max: int = 200
     batch_max_size: int = 64  # images per pass through the models
-    batch_wait_ms: float = 2.0  # how long the first image waits for company
+    batch_wait_ms: float = 0.0  # extra wait for company; 0: batch whatever queued meanwhile
     queue_max: int = 512  # waiting requests before new ones get 503 (back-pressure)
 
     @field_validator("ab_models", mode="before")

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from app.api.deps import ClassifierDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import ClassifierDep, SessionDep, SettingsDep
 from app.core.batcher import BatchResult, Overloaded
 from app.core.inference import Classifier, Decoded
 from app.crud import (
@@ -23,12 +23,12 @@ from app.crud import (
     NewImage,
     NewOutput,
     NotFound,
+    PredictionBatch,
     PredictionFilter,
     as_utc,
     get_prediction,
     list_predictions,
     set_label,
-    store_predictions,
 )
 from app.schemas import LabelUpdate, PredictionPublic, PredictionsPublic
 from app.tables import Prediction
@@ -220,8 +220,6 @@ async def create_prediction(
     request: Request,
     settings: SettingsDep,
     classifier: ClassifierDep,
-    session: SessionDep,
-    store: StoreDep,
 ) -> Response:
     """Classify each image with every A/B model; store the image once and the predictions.
 
@@ -240,9 +238,8 @@ async def create_prediction(
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
     t3 = time.perf_counter()
     items = _build_items(classifier, uploads, decoded, result)
-    preds = await run_in_threadpool(
-        store_predictions, session, store, items, classifier.classes, source, part_id
-    )
+    batch = PredictionBatch(items, classifier.classes, source, part_id)
+    preds = await asyncio.wrap_future(request.app.state.writer.submit(batch))
     t4 = time.perf_counter()
     data = [to_public(p) for p in preds]
     body = PredictionsPublic(data=data, count=len(data)).model_dump_json()

@@ -1,0 +1,157 @@
+"""Serving benchmark: this service against the plain endpoint, side by side in one run.
+
+Starts each server in its own process on loopback, drives it with bench/load.py (another process)
+at each concurrency, stops it, and prints one JSON summary. This service stores every image and
+prediction (SQLite in a fresh temporary folder); the plain endpoint stores nothing.
+Usage: python bench/serve_bench.py RUN_DIR IMAGES_DIR [--seconds 15] [--workers 1] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise SystemExit(f"server at {url} did not start")
+
+
+def _measure(
+    name: str, cmd: list[str], env: dict, port: int, args: argparse.Namespace, ready_path: str
+) -> list[dict]:
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait(base + ready_path, proc)
+        load = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "load.py"),
+                f"{base}/predict",
+                str(args.images),
+                "--seconds",
+                str(args.seconds),
+                "--max-requests",
+                str(args.max_requests),
+                "--concurrency",
+                *map(str, args.concurrency),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        rows = [json.loads(line) for line in load.stdout.splitlines() if line.startswith("{")]
+        for r in rows:
+            print(
+                f"{name:>6} c={r['concurrency']:>3}: {r['requests_per_s']:>7} req/s "
+                f"p50 {r['p50_ms']} p99 {r['p99_ms']} errors {r['errors']}",
+                file=sys.stderr,
+            )
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("images", type=Path)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--max-requests", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--workers", type=int, default=1, help="this service's uvicorn workers")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    summary = {
+        "cpus": os.cpu_count(),
+        "device": args.device,
+        "seconds": args.seconds,
+        "workers": args.workers,
+    }
+    port = _port()
+    summary["plain"] = _measure(
+        "plain",
+        [
+            sys.executable,
+            str(ROOT / "bench" / "plain_server.py"),
+            str(args.run_dir),
+            "--port",
+            str(port),
+        ],
+        env,
+        port,
+        args,
+        "/docs",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        port = _port()
+        svc_env = {
+            **env,
+            "MAXMIN_DATA_DIR": tmp,
+            "MAXMIN_RUN_DIR": str(args.run_dir.resolve()),
+            "MAXMIN_DEVICE": args.device,
+        }
+        svc_env.pop("DATABASE_URL", None)
+        summary["service"] = _measure(
+            "ours",
+            [
+                sys.executable,
+                "-m",
+                "training.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+            ],
+            svc_env,
+            port,
+            args,
+            "/readyz",
+        )
+    ratio = {}
+    for p, s in zip(summary["plain"], summary["service"], strict=True):
+        ratio[str(p["concurrency"])] = round(
+            s["requests_per_s"] / max(p["requests_per_s"], 1e-9), 2
+        )
+    summary["throughput_ratio"] = ratio
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
