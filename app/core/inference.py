@@ -66,6 +66,9 @@ class Classifier:
             if entry is None or not entry.get("checkpoint"):
                 raise ModelsUnavailable(f"run {self.run_dir} has no usable checkpoint for {name!r}")
             model, meta = load_checkpoint(self.run_dir / entry["checkpoint"], device=self.device)
+            if self.device.type == "cpu":
+                # oneDNN's convolutions and pooling run 2-3x faster on channels-last tensors.
+                model = model.to(memory_format=torch.channels_last)
             version = f"{Path(entry['checkpoint']).name}:{meta['weights_sha256'][:12]}"
             self.models[name] = LoadedModel(name, model, meta, version)
         first = next(iter(self.models.values())).meta
@@ -96,6 +99,8 @@ class Classifier:
         x = normalize(
             torch.from_numpy(np.ascontiguousarray(arrays)).to(self.device), self.mean, self.std
         )
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
         out = {}
         for name, m in self.models.items():
             t0 = time.perf_counter()
