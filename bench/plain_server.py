@@ -22,14 +22,14 @@ from training.checkpoint import load_checkpoint
 from training.imaging import to_array
 
 
-def build(run_dir: Path) -> FastAPI:
+def build(run_dir: Path, device: str = "cpu") -> FastAPI:
     report = json.loads((run_dir / "report.json").read_text())
     models = {}
     for name in ("baseline", "maxmin"):
-        model, meta = load_checkpoint(run_dir / report["models"][name]["checkpoint"])
+        model, meta = load_checkpoint(run_dir / report["models"][name]["checkpoint"], device)
         models[name] = model
-    mean = torch.tensor(meta["normalization"]["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(meta["normalization"]["std"]).view(1, -1, 1, 1)
+    mean = torch.tensor(meta["normalization"]["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["normalization"]["std"], device=device).view(1, -1, 1, 1)
     app = FastAPI()
 
     @app.post("/predict")
@@ -38,11 +38,11 @@ def build(run_dir: Path) -> FastAPI:
         for f in files:
             img = Image.open(io.BytesIO(await f.read()))
             arr = to_array(img, meta["image_size"], meta["channels"])
-            x = (torch.from_numpy(arr[None]).float() / 255 - mean) / std
+            x = (torch.from_numpy(arr[None]).to(device).float() / 255 - mean) / std
             with torch.no_grad():
                 answers = {}
                 for name, model in models.items():
-                    p = torch.softmax(model(x), 1)[0].numpy()
+                    p = torch.softmax(model(x), 1)[0].cpu().numpy()
                     answers[name] = {
                         "label": meta["classes"][int(np.argmax(p))],
                         "confidence": float(p.max()),
@@ -57,5 +57,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--port", type=int, default=8101)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    uvicorn.run(build(args.run_dir), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(
+        build(args.run_dir, args.device), host="127.0.0.1", port=args.port, log_level="warning"
+    )

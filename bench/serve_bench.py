@@ -61,6 +61,8 @@ def _measure(
                 str(args.seconds),
                 "--max-requests",
                 str(args.max_requests),
+                "--procs",
+                str(args.client_procs),
                 "--concurrency",
                 *map(str, args.concurrency),
             ],
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--workers", type=int, default=1, help="this service's uvicorn workers")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--client-procs", type=int, default=1, help="load generator processes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -109,6 +112,8 @@ def main() -> None:
             str(args.run_dir),
             "--port",
             str(port),
+            "--device",
+            args.device,
         ],
         env,
         port,

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One pass on a GPU machine for the speed work: GPU tests, the full NEU PoC on CUDA, the serving
+# benchmark, the fused-MaxMin benchmark and the training benchmark, each written out as it ends.
+# Usage: bench/gpu_bench.sh NEU_DIR OUT_DIR   (python3 with PyTorch; extra wheels in .whl/ if any)
+set -uo pipefail
+NEU=${1:?NEU folder}
+OUT=${2:?output folder}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 MAXMIN_DATA_DIR=/tmp/maxmin-var
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc;
+  python3 -c "import torch; print('torch', torch.__version__)"; } | tee -a "$OUT/log.txt"
+
+log "GPU tests"
+MAXMIN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_layers.py \
+    tests/test_models.py tests/test_batcher.py tests/test_api.py -k "not postgresql" 2>&1 \
+    | tail -4 | tee "$OUT/tests.txt"
+
+log "full NEU PoC on CUDA"
+python3 -m training.cli train "$NEU" --device cuda --out /tmp/neu-gpu --cache-dir /tmp/cache \
+    --no-register --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
+cp /tmp/neu-gpu/report.json "$OUT/neu-gpu-report.json"
+
+log "serving benchmark (CUDA)"
+timeout 200 python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda --workers 4 \
+    --client-procs 4 --seconds 8 --concurrency 1 8 32 64 128 --out "$OUT/serve.json" 2>&1 \
+    | grep "c=" | tee -a "$OUT/log.txt"
+
+log "fused MaxMin benchmark (CUDA)"
+python3 bench/fused_bench.py --device cuda > "$OUT/fused.json" 2>&1
+
+log "training benchmark (CUDA)"
+timeout 170 python3 bench/train_bench.py "$NEU" --device cuda --epochs 2 --repeats 3 \
+    --out "$OUT/train_bench.json" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+log "done"
