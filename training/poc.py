@@ -43,7 +43,7 @@ class PocConfig:
     device: str = "auto"
     cache_dir: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
-    latency_budget_s: float = 2.0
+    latency_budget_s: float = 1.0
     progress: bool = True
 
 
