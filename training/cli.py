@@ -107,8 +107,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--latency-seconds",
         type=float,
-        default=2.0,
-        help="time spent measuring each model's latency (default: 2)",
+        default=1.0,
+        help="time spent measuring each model's latency (default: 1)",
     )
     t.add_argument(
         "--threads",
