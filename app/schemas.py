@@ -23,7 +23,41 @@ class LabelEventPublic(BaseModel):
     created_at: datetime
 
 
+EXAMPLE_PREDICTION = {
+    "id": 42,
+    "image_sha256": "9f2c" + "0" * 60,
+    "image_url": "/images/9f2c" + "0" * 60,
+    "created_at": "2026-11-28T07:08:38Z",
+    "source": "line-3",
+    "part_id": "P-0042",
+    "filename": "part-0042.jpg",
+    "agree": False,
+    "results": {
+        "baseline": {
+            "label": "good",
+            "confidence": 0.61,
+            "probabilities": {"dent": 0.2, "good": 0.61, "scratch": 0.19},
+            "latency_ms": 2.1,
+            "model_version": "baseline-seed2:bd5f2a28ee6b",
+        },
+        "maxmin": {
+            "label": "scratch",
+            "confidence": 0.88,
+            "probabilities": {"dent": 0.04, "good": 0.08, "scratch": 0.88},
+            "latency_ms": 3.4,
+            "model_version": "maxmin-seed1:071cbe25bebd",
+        },
+    },
+    "label": None,
+    "labelled_by": None,
+    "labelled_at": None,
+    "history": [],
+}
+
+
 class PredictionPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_PREDICTION]})
+
     id: int
     image_sha256: str
     image_url: str
@@ -40,6 +74,10 @@ class PredictionPublic(BaseModel):
 
 
 class PredictionsPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"data": [EXAMPLE_PREDICTION], "count": 1}]}
+    )
+
     data: list[PredictionPublic]
     count: int
 

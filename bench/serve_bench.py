@@ -96,7 +96,10 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=1, help="load generator processes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     summary = {
         "cpus": os.cpu_count(),
         "device": args.device,
