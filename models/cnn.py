@@ -27,7 +27,7 @@ class SmallCNN(nn.Module):
         widths: Sequence[int] = (32, 32, 64),
         maxmin: bool = False,
         hidden: int = 64,
-        fused: bool = True,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:

@@ -38,6 +38,7 @@ def test_fused_pool_equals_naive(shape: tuple[int, ...]) -> None:
     naive = F.max_pool2d(torch.cat((F.relu(x1), F.relu(-x1)), 1), 3, 2, ceil_mode=True)
     fused = MaxMinPool(fused=True)(x2)
     assert torch.equal(naive, fused)
+    assert torch.equal(MaxMinPool()(x), naive.detach())  # the per-device default
     g = torch.randn_like(naive)
     naive.backward(g)
     fused.backward(g)
