@@ -119,15 +119,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     t_start = time.perf_counter()
     ds = load_dataset(Path(args.data), size=args.size, progress=False, cache_dir=None)
-    mean = torch.tensor(ds.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(ds.std, device=device).view(1, -1, 1, 1)
-    splits = {}
-    for name in ("train", "val", "test"):
-        idx = torch.as_tensor(ds.indices(name))
-        images = ds.images[idx].to(device)
-        if device.type == "cpu":
-            images = images.contiguous(memory_format=torch.channels_last)
-        splits[name] = (images, ds.labels[idx].to(device))
+    splits, mean, std = ds.resident(device)
     kwargs = {"num_classes": len(ds.classes), "in_channels": ds.channels, "image_size": args.size}
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, augment=("hflip",), device=str(device)

@@ -62,6 +62,22 @@ class Dataset:
         """Positions of the images in ``split``."""
         return np.flatnonzero(self.split == split)
 
+    def resident(
+        self, device: torch.device
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """Each split's images (uint8; channels-last on the CPU) and labels, moved to ``device``
+        once, with the normalization as broadcastable tensors."""
+        splits = {}
+        for name in SPLITS:
+            idx = torch.as_tensor(self.indices(name))
+            images = self.images[idx].to(device)
+            if device.type == "cpu":
+                images = images.contiguous(memory_format=torch.channels_last)
+            splits[name] = (images, self.labels[idx].to(device))
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        return splits, mean, std
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class."""
         out: dict[str, dict[str, int]] = {}

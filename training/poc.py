@@ -73,15 +73,7 @@ def run_poc(cfg: PocConfig) -> Path:
         progress=cfg.progress,
     )
     data_seconds = time.perf_counter() - t0
-    mean = torch.tensor(ds.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(ds.std, device=device).view(1, -1, 1, 1)
-    splits = {}
-    for name in ("train", "val", "test"):
-        idx = torch.as_tensor(ds.indices(name))
-        images = ds.images[idx].to(device)
-        if device.type == "cpu":
-            images = images.contiguous(memory_format=torch.channels_last)
-        splits[name] = (images, ds.labels[idx].to(device))
+    splits, mean, std = ds.resident(device)
     test_y = ds.labels[torch.as_tensor(ds.indices("test"))].numpy()
     kwargs = _model_kwargs(ds)
     results: dict[str, list[RunResult]] = {m: [] for m in cfg.models}
