@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -76,6 +77,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = ImageStore(settings.images_dir)
     load_models(app)
     app.state.writer = GroupWriter(app.state.sessions, app.state.store)
+    app.state.decode_pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
     app.state.batcher = None
     if app.state.classifier is not None:
         app.state.batcher = MicroBatcher(
@@ -88,6 +90,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if app.state.batcher is not None:
         app.state.batcher.close()
     app.state.writer.close()
+    app.state.decode_pool.shutdown(wait=True)
     engine.dispose()
 
 

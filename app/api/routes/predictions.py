@@ -10,7 +10,6 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -229,7 +228,11 @@ async def create_prediction(
     t0 = time.perf_counter()
     uploads, source, part_id = await _read_uploads(request, settings)
     t1 = time.perf_counter()
-    decoded = await run_in_threadpool(_decode_all, classifier, uploads, settings.max_image_pixels)
+    # A small pool of its own: decoding in the default pool of 40 threads thrashes the GIL and
+    # starves the event loop under load.
+    decoded = await asyncio.get_running_loop().run_in_executor(
+        request.app.state.decode_pool, _decode_all, classifier, uploads, settings.max_image_pixels
+    )
     t2 = time.perf_counter()
     batcher = request.app.state.batcher
     try:
