@@ -30,7 +30,7 @@ class MaxMinPool(nn.Module):
     pool(concat(relu(S), relu(-S))) = concat(relu(maxpool(S)), relu(-minpool(S))). The fused form
     pools the C maps of S twice instead of materializing 2C maps at full resolution.
 
-    ``fused=None`` picks per device: fused on the CPU, where it measured 1.13-1.16x faster
+    ``fused=None`` picks per device: fused on the CPU, where it measured 1.11-1.17x faster
     (bench/fused_bench.py), naive on CUDA, where these small tensors are bound by kernel launches
     and the fused form's extra launches made it 0.87-1.02x as fast.
     """
