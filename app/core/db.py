@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -72,8 +71,3 @@ def check_schema(engine: Engine) -> None:
             f"database schema is at revision {current or 'none (empty database)'}, this service "
             f"needs {head}: run `maxmin-inspect db upgrade`"
         )
-
-
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    with factory() as session:
-        yield session
