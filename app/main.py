@@ -16,12 +16,13 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from app.api.routes import health, images, pages, predictions, reports, stats
+from app.api.routes import health, images, metrics, pages, predictions, reports, stats
 from app.core.batcher import MicroBatcher
 from app.core.config import Settings, get_settings
 from app.core.db import check_schema, make_engine, session_factory
 from app.core.inference import Classifier, ModelsUnavailable
 from app.core.limits import BodyLimitMiddleware
+from app.core.observability import Metrics, observe
 from app.core.storage import ImageStore
 from app.core.writer import GroupWriter
 from app.crud import latest_run
@@ -104,7 +105,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     app.add_middleware(BodyLimitMiddleware, max_bytes=app.state.settings.max_body_bytes)
-    for module in (health, predictions, images, stats, reports, pages):
+    app.state.metrics = Metrics()
+    app.middleware("http")(observe)
+    for module in (health, metrics, predictions, images, stats, reports, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 

@@ -365,3 +365,45 @@ def test_group_commit_isolates_a_failing_request(client: TestClient) -> None:
     # Exactly the two good requests were stored, with their files; the failed one left nothing.
     assert counts(client) == (2, 2, 2, 0, 2)
     assert not client.app.state.store.exists(batches[1].items[0][0].sha256)
+
+
+def test_metrics_and_request_ids(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="maxmin_inspect.access")
+    body = predict(client, png_bytes(21), png_bytes(22)).json()
+    client.get("/predictions/99999")
+    echoed = client.get("/healthz", headers={"X-Request-ID": "line3-cam2-000042"})
+    assert echoed.headers["X-Request-ID"] == "line3-cam2-000042"
+    fresh = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert len(fresh.headers["X-Request-ID"]) == 32  # replaced, never echoed unchecked
+    text = client.get("/metrics").text
+    assert 'maxmin_http_requests_total{method="POST",route="/predict",status="200"} 1.0' in text
+    assert 'maxmin_http_errors_total{route="/predictions/{prediction_id}",status="404"} 1.0' in text
+    for name in ("baseline", "maxmin"):
+        labels = [p["results"][name]["label"] for p in body["data"]]
+        for label in set(labels):
+            line = f'maxmin_predictions_total{{label="{label}",model="{name}"}} {labels.count(label)}.0'
+            assert line in text
+        assert f'maxmin_model_seconds_per_image_count{{model="{name}"}} 2.0' in text
+    assert "maxmin_http_request_seconds_bucket" in text
+    ids = [getattr(r, "fields", {}).get("route") for r in caplog.records]
+    assert "/predict" in ids
+
+
+def test_json_log_lines_carry_the_request_id() -> None:
+    import json
+    import logging
+
+    from app.core.observability import JsonFormatter, request_id_var
+
+    token = request_id_var.set("abc123")
+    try:
+        record = logging.LogRecord(
+            "maxmin_inspect.access", logging.INFO, __file__, 1, "GET %s", ("/x",), None
+        )
+        record.fields = {"status": 200}
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id_var.reset(token)
+    assert line["request_id"] == "abc123" and line["message"] == "GET /x" and line["status"] == 200

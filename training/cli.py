@@ -300,7 +300,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from app.core.config import Settings
     from app.core.db import upgrade
+    from app.core.observability import configure_logging
 
+    configure_logging()
     settings = Settings()
     upgrade(settings.db_url)  # the explicit start-up migration; the app itself only checks
     os.environ["WEB_CONCURRENCY"] = str(args.workers)

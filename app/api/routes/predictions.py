@@ -166,6 +166,17 @@ def _decode_all(
     return decoded
 
 
+def _count(metrics, items: list, result: BatchResult) -> None:  # noqa: ANN001
+    """Per-model latency, predictions per class, disagreements, batch sizes."""
+    metrics.batch_size.observe(result.batch_size)
+    for _, outputs in items:
+        for o in outputs:
+            metrics.predictions.labels(o.model_name, o.label).inc()
+            metrics.model_latency.labels(o.model_name).observe(o.latency_ms / 1000)
+        if len({o.label for o in outputs}) > 1:
+            metrics.disagreements.inc()
+
+
 def _build_items(
     classifier: Classifier,
     uploads: list[tuple[str | None, bytes]],
@@ -241,6 +252,7 @@ async def create_prediction(
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
     t3 = time.perf_counter()
     items = _build_items(classifier, uploads, decoded, result)
+    _count(request.app.state.metrics, items, result)
     batch = PredictionBatch(items, classifier.classes, source, part_id)
     preds = await asyncio.wrap_future(request.app.state.writer.submit(batch))
     t4 = time.perf_counter()

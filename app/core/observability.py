@@ -1,0 +1,138 @@
+"""Prometheus metrics and structured (JSON) logs carrying a request id.
+
+Metrics live in a registry per app, so several apps (tests, workers) never share counters. With
+several uvicorn workers each process serves its own counts; scrape each or run one worker per
+container.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from fastapi import Request, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+log = logging.getLogger("maxmin_inspect.access")
+
+
+class Metrics:
+    """The service's counters and histograms."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "maxmin_http_requests",
+            "HTTP requests",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "maxmin_http_errors",
+            "HTTP responses with status 400 or more",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "maxmin_http_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.model_latency = Histogram(
+            "maxmin_model_seconds_per_image",
+            "Model compute time per image",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+        )
+        self.predictions = Counter(
+            "maxmin_predictions",
+            "Predictions by model and class",
+            ["model", "label"],
+            registry=self.registry,
+        )
+        self.disagreements = Counter(
+            "maxmin_disagreements", "Images the A/B models disagree on", registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "maxmin_inference_batch_size",
+            "Images per pass",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the request id of the request being served."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": request_id_var.get(),
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """JSON lines on stderr for the service's loggers."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("maxmin_inspect")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+async def observe(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Give the request an id (or keep a valid X-Request-ID), time it, count it, log it."""
+    incoming = request.headers.get("x-request-id", "")
+    rid = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+    token = request_id_var.set(rid)
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        response.headers["X-Request-ID"] = rid
+        return response
+    finally:
+        elapsed = time.perf_counter() - start
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics: Metrics = request.app.state.metrics
+        metrics.requests.labels(request.method, route, str(status)).inc()
+        metrics.latency.labels(request.method, route).observe(elapsed)
+        if status >= 400:
+            metrics.errors.labels(route, str(status)).inc()
+        log.info(
+            "%s %s %s",
+            request.method,
+            request.url.path,
+            status,
+            extra={
+                "fields": {
+                    "method": request.method,
+                    "path": request.url.path,
+                    "route": route,
+                    "status": status,
+                    "ms": round(elapsed * 1000, 3),
+                }
+            },
+        )
+        request_id_var.reset(token)
