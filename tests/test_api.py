@@ -383,8 +383,8 @@ def test_metrics_and_request_ids(client: TestClient, caplog: pytest.LogCaptureFi
     for name in ("baseline", "maxmin"):
         labels = [p["results"][name]["label"] for p in body["data"]]
         for label in set(labels):
-            line = f'maxmin_predictions_total{{label="{label}",model="{name}"}} {labels.count(label)}.0'
-            assert line in text
+            series = f'maxmin_predictions_total{{label="{label}",model="{name}"}}'
+            assert f"{series} {labels.count(label)}.0" in text
         assert f'maxmin_model_seconds_per_image_count{{model="{name}"}} 2.0' in text
     assert "maxmin_http_request_seconds_bucket" in text
     ids = [getattr(r, "fields", {}).get("route") for r in caplog.records]
