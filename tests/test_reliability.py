@@ -1,0 +1,165 @@
+"""Under concurrent load, and across a SIGKILL, nothing acknowledged is lost, crossed or orphaned.
+
+A real server process (`maxmin-inspect serve`) on loopback, 16 client threads for a bounded time,
+against SQLite and against PostgreSQL. Every check reads the database and the image store directly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from app.core.storage import ImageStore
+from app.tables import LabelEvent, ModelOutput, Prediction, StoredImage
+from tests.service import CLASSES, png_bytes, postgres_database, train_small_run
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS = 16
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_small_run(tmp_path_factory.mktemp("rel"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(db_url: str, run_dir: Path, data_dir: Path, port: int) -> Iterator[subprocess.Popen]:
+    env = {**os.environ, "DATABASE_URL": db_url, "MAXMIN_DATA_DIR": str(data_dir),
+           "MAXMIN_RUN_DIR": str(run_dir), "MAXMIN_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--port", str(port)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def _load(base: str, seconds: float, acked: dict, stop: threading.Event) -> list[threading.Thread]:
+    """Clients that predict (some images repeated) and label; ``acked`` records every 2xx."""
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        deadline = time.monotonic() + seconds
+        with httpx.Client(timeout=30) as http:
+            i = 0
+            while time.monotonic() < deadline and not stop.is_set():
+                seed = 1000 * k + (i % 7)  # every 7th upload repeats an image
+                i += 1
+                try:
+                    r = http.post(f"{base}/predict",
+                                  files=[("files", (f"{k}-{i}.png", png_bytes(seed), "image/png"))])
+                    if r.status_code != 200:
+                        continue
+                    pred = r.json()["data"][0]
+                    with lock:
+                        acked[pred["id"]] = {"sha": pred["image_sha256"], "label": None}
+                    label = CLASSES[(k + i) % len(CLASSES)]
+                    r = http.put(f"{base}/predictions/{pred['id']}/label",
+                                 json={"label": label, "labelled_by": f"client-{k}"})
+                    if r.status_code == 200:
+                        with lock:
+                            acked[pred["id"]]["label"] = (label, f"client-{k}")
+                except httpx.HTTPError:
+                    continue  # the server may be killed under us
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _check_consistent(db_url: str, store: ImageStore, acked: dict) -> dict[str, int]:
+    """Every acknowledged row is there with its image and its own label; nothing orphaned."""
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        preds = {row.id: row for row in conn.execute(select(Prediction.__table__))}
+        images = {row.sha256 for row in conn.execute(select(StoredImage.sha256))}
+        outputs = dict(conn.execute(
+            select(ModelOutput.prediction_id, func.count()).group_by(ModelOutput.prediction_id)
+        ).all())
+        events = conn.execute(select(func.count()).select_from(LabelEvent)).scalar_one()
+    engine.dispose()
+    for pid, want in acked.items():
+        assert pid in preds, f"acknowledged prediction {pid} was lost"
+        assert preds[pid].image_sha256 == want["sha"]
+        if want["label"] is not None:
+            assert (preds[pid].label, preds[pid].labelled_by) == want["label"]
+    for pid, row in preds.items():
+        assert row.image_sha256 in images, f"prediction {pid} has no image row"
+        assert store.exists(row.image_sha256), f"prediction {pid} has no image file"
+        assert outputs.get(pid) == 2, f"prediction {pid} has {outputs.get(pid)} model outputs"
+    assert set(outputs) <= set(preds)
+    return {"predictions": len(preds), "images": len(images), "label_events": events}
+
+
+@pytest.mark.slow
+def test_concurrent_clients_lose_nothing(db_url: str, run_dir: Path, tmp_path: Path) -> None:
+    port, acked, stop = _port(), {}, threading.Event()
+    with server(db_url, run_dir, tmp_path / "var", port):
+        for t in _load(f"http://127.0.0.1:{port}", 4.0, acked, stop):
+            t.join()
+    assert len(acked) > 50
+    found = _check_consistent(db_url, ImageStore(tmp_path / "var" / "images"), acked)
+    # No duplicates: exactly one row per acknowledged upload.
+    assert found["predictions"] == len(acked)
+    assert found["label_events"] == sum(1 for a in acked.values() if a["label"])
+    print(f"{db_url.split(':')[0]}: {len(acked)} acknowledged uploads, {found}")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_load_then_restart(db_url: str, run_dir: Path, tmp_path: Path) -> None:
+    port, acked, stop = _port(), {}, threading.Event()
+    with server(db_url, run_dir, tmp_path / "var", port) as proc:
+        threads = _load(f"http://127.0.0.1:{port}", 10.0, acked, stop)
+        time.sleep(2.0)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(acked) > 10
+    found = _check_consistent(db_url, ImageStore(tmp_path / "var" / "images"), acked)
+    print(f"{db_url.split(':')[0]}: killed after 2 s; {len(acked)} acknowledged, {found}")
+    port = _port()
+    with server(db_url, run_dir, tmp_path / "var", port):  # it serves again
+        r = httpx.post(f"http://127.0.0.1:{port}/predict",
+                       files=[("files", ("after.png", png_bytes(777), "image/png"))], timeout=30)
+        assert r.status_code == 200
