@@ -51,10 +51,20 @@ def _port() -> int:
 
 @contextmanager
 def server(db_url: str, run_dir: Path, data_dir: Path, port: int) -> Iterator[subprocess.Popen]:
-    env = {**os.environ, "DATABASE_URL": db_url, "MAXMIN_DATA_DIR": str(data_dir),
-           "MAXMIN_RUN_DIR": str(run_dir), "MAXMIN_DEVICE": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--port", str(port)],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "MAXMIN_DATA_DIR": str(data_dir),
+        "MAXMIN_RUN_DIR": str(run_dir),
+        "MAXMIN_DEVICE": "cpu",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     try:
         while True:
@@ -84,16 +94,20 @@ def _load(base: str, seconds: float, acked: dict, stop: threading.Event) -> list
                 seed = 1000 * k + (i % 7)  # every 7th upload repeats an image
                 i += 1
                 try:
-                    r = http.post(f"{base}/predict",
-                                  files=[("files", (f"{k}-{i}.png", png_bytes(seed), "image/png"))])
+                    r = http.post(
+                        f"{base}/predict",
+                        files=[("files", (f"{k}-{i}.png", png_bytes(seed), "image/png"))],
+                    )
                     if r.status_code != 200:
                         continue
                     pred = r.json()["data"][0]
                     with lock:
                         acked[pred["id"]] = {"sha": pred["image_sha256"], "label": None}
                     label = CLASSES[(k + i) % len(CLASSES)]
-                    r = http.put(f"{base}/predictions/{pred['id']}/label",
-                                 json={"label": label, "labelled_by": f"client-{k}"})
+                    r = http.put(
+                        f"{base}/predictions/{pred['id']}/label",
+                        json={"label": label, "labelled_by": f"client-{k}"},
+                    )
                     if r.status_code == 200:
                         with lock:
                             acked[pred["id"]]["label"] = (label, f"client-{k}")
@@ -112,9 +126,11 @@ def _check_consistent(db_url: str, store: ImageStore, acked: dict) -> dict[str, 
     with engine.connect() as conn:
         preds = {row.id: row for row in conn.execute(select(Prediction.__table__))}
         images = {row.sha256 for row in conn.execute(select(StoredImage.sha256))}
-        outputs = dict(conn.execute(
-            select(ModelOutput.prediction_id, func.count()).group_by(ModelOutput.prediction_id)
-        ).all())
+        outputs = dict(
+            conn.execute(
+                select(ModelOutput.prediction_id, func.count()).group_by(ModelOutput.prediction_id)
+            ).all()
+        )
         events = conn.execute(select(func.count()).select_from(LabelEvent)).scalar_one()
     engine.dispose()
     for pid, want in acked.items():
@@ -160,6 +176,9 @@ def test_sigkill_mid_load_then_restart(db_url: str, run_dir: Path, tmp_path: Pat
     print(f"{db_url.split(':')[0]}: killed after 2 s; {len(acked)} acknowledged, {found}")
     port = _port()
     with server(db_url, run_dir, tmp_path / "var", port):  # it serves again
-        r = httpx.post(f"http://127.0.0.1:{port}/predict",
-                       files=[("files", ("after.png", png_bytes(777), "image/png"))], timeout=30)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/predict",
+            files=[("files", ("after.png", png_bytes(777), "image/png"))],
+            timeout=30,
+        )
         assert r.status_code == 200
