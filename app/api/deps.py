@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -34,6 +34,8 @@ def get_classifier(request: Request) -> Classifier:
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
+# Ids are 32-bit integer columns; larger numbers are a 422 here, not a database error later.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[ImageStore, Depends(get_store)]
 ClassifierDep = Annotated[Classifier, Depends(get_classifier)]

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from app.api.deps import ClassifierDep, SessionDep, SettingsDep
+from app.api.deps import ClassifierDep, RowId, SessionDep, SettingsDep
 from app.core.batcher import BatchResult, Overloaded
 from app.core.inference import Classifier, Decoded
 from app.crud import (
@@ -296,7 +296,7 @@ def read_predictions(
     response_model=PredictionPublic,
     responses={404: {"description": "unknown prediction"}},
 )
-def read_prediction(prediction_id: int, session: SessionDep) -> PredictionPublic:
+def read_prediction(prediction_id: RowId, session: SessionDep) -> PredictionPublic:
     """One prediction with both models' answers and its label history."""
     try:
         return to_public(get_prediction(session, prediction_id))
@@ -312,7 +312,7 @@ def read_prediction(prediction_id: int, session: SessionDep) -> PredictionPublic
         422: {"description": "label not among the classes"},
     },
 )
-def update_label(prediction_id: int, body: LabelUpdate, session: SessionDep) -> PredictionPublic:
+def update_label(prediction_id: RowId, body: LabelUpdate, session: SessionDep) -> PredictionPublic:
     """Set the inspector's ground truth; a correction keeps the earlier labels in the history."""
     try:
         return to_public(set_label(session, prediction_id, body.label, body.labelled_by))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 
-from app.api.deps import SessionDep
+from app.api.deps import RowId, SessionDep
 from app.crud import as_utc
 from app.schemas import RunPublic, RunsPublic, RunSummary
 from app.tables import Run
@@ -41,7 +41,12 @@ def read_reports(session: SessionDep) -> RunsPublic:
     response_model=RunPublic,
     responses={200: {"content": {"text/html": {}}}, 404: {"description": "unknown report"}},
 )
-def read_report(run_id: int, request: Request, session: SessionDep, format: str | None = None):  # noqa: A002, ANN201
+def read_report(  # noqa: ANN201
+    run_id: RowId,
+    request: Request,
+    session: SessionDep,
+    format: str | None = None,  # noqa: A002
+):
     """The full report.json; a browser (Accept: text/html) or ?format=html gets the report page."""
     run = session.get(Run, run_id)
     if run is None:

@@ -1,0 +1,56 @@
+"""Schemathesis against the service's own OpenAPI schema: no operation answers 5xx.
+
+Generated requests (valid and invalid parameters, bodies, multipart parts) go to a real server
+process with real models and a real database.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from tests.service import train_small_run  # noqa: E402
+from tests.test_reliability import server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    root = tmp_path_factory.mktemp("fuzz")
+    run_dir = train_small_run(root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"sqlite:///{root / 'var' / 'maxmin.db'}"
+    with server(url, run_dir, Path(root / "var"), port):
+        yield schemathesis.openapi.from_url(f"http://127.0.0.1:{port}/openapi.json")
+
+
+@pytest.mark.slow
+def test_no_operation_answers_5xx(api_schema) -> None:  # noqa: ANN001
+    """Every operation, about 30 generated requests each."""
+    from hypothesis import given
+
+    checked = []
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        )
+        def run(case) -> None:  # noqa: ANN001
+            response = case.call(timeout=30)
+            assert response.status_code < 500, (
+                f"{case.method} {case.formatted_path} -> {response.status_code}: "
+                f"{response.text[:300]}"
+            )
+
+        run()
+        checked.append(f"{operation.method.upper()} {operation.path}")
+    assert {"POST /predict", "PUT /predictions/{prediction_id}/label", "GET /stats"} <= set(checked)
