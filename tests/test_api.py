@@ -245,6 +245,10 @@ def test_listing_filters_and_pages(client: TestClient) -> None:
     assert client.get("/predictions?limit=0").status_code == 422
     assert client.get("/predictions?since=yesterday").status_code == 422
     assert client.get("/predictions/424242").status_code == 404
+    # Found by the fuzzer: ids beyond the id column's range were a database error (500).
+    assert client.get("/predictions/9223372036854775808").status_code == 422
+    assert client.put("/predictions/0/label", json={"label": "dent"}).status_code == 422
+    assert client.get("/reports/99999999999").status_code == 422
     assert client.get("/images/" + "0" * 64).status_code == 404
     assert client.get("/images/not-a-hash").status_code == 422
 
