@@ -47,11 +47,25 @@ class NewOutput:
     latency_ms: float
 
 
+class InvalidFilter(ValueError):
+    """A filter value the database cannot hold (a date out of range, a NUL character)."""
+
+
 def as_utc(value: datetime | None) -> datetime | None:
     """Aware UTC datetimes everywhere (SQLite hands back naive ones)."""
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidFilter(f"date {value.isoformat()} is out of range in UTC") from None
+
+
+def check_text(value: str | None, name: str) -> str | None:
+    """Text that PostgreSQL can store: no NUL characters."""
+    if value is not None and "\x00" in value:
+        raise InvalidFilter(f"'{name}' contains a NUL character")
+    return value
 
 
 def _insert_ignore(session: Session, table, rows: list[dict]) -> None:  # noqa: ANN001
@@ -192,6 +206,8 @@ class PredictionFilter:
 
 
 def _filtered(query: Select, f: PredictionFilter) -> Select:
+    check_text(f.source, "source")
+    check_text(f.predicted, "predicted")
     if f.since is not None:
         query = query.where(Prediction.created_at >= as_utc(f.since))
     if f.until is not None:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.middleware.sessions import SessionMiddleware
 
 from app.api.routes import health, images, metrics, pages, predictions, reports, stats
 from app.core.batcher import MicroBatcher
@@ -23,6 +24,7 @@ from app.core.db import check_schema, make_engine, session_factory
 from app.core.inference import Classifier, ModelsUnavailable
 from app.core.limits import BodyLimitMiddleware
 from app.core.observability import Metrics, observe
+from app.core.security import session_secret
 from app.core.storage import ImageStore
 from app.core.writer import GroupWriter
 from app.crud import latest_run
@@ -105,6 +107,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     app.add_middleware(BodyLimitMiddleware, max_bytes=app.state.settings.max_body_bytes)
+    settings = app.state.settings
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=session_secret(settings.data_dir, settings.session_secret),
+        session_cookie="maxmin_session",
+        max_age=12 * 3600,
+        same_site="strict",
+        https_only=settings.cookie_secure,
+    )
     app.state.metrics = Metrics()
     app.middleware("http")(observe)
     for module in (health, metrics, predictions, images, stats, reports, pages):

@@ -83,8 +83,10 @@ class PredictionsPublic(BaseModel):
 
 
 class LabelUpdate(BaseModel):
-    label: str = Field(min_length=1, max_length=200, examples=["scratch"])
-    labelled_by: str | None = Field(default=None, max_length=200, examples=["inspector-anna"])
+    label: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$", examples=["scratch"])
+    labelled_by: str | None = Field(
+        default=None, max_length=200, pattern=r"^[^\x00]*$", examples=["inspector-anna"]
+    )
 
 
 class Interval(BaseModel):

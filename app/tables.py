@@ -104,3 +104,17 @@ class Run(Base):
     verdict: Mapped[str] = mapped_column(Text)
     model_versions: Mapped[dict[str, str]] = mapped_column(JSON)
     report: Mapped[dict] = mapped_column(JSON)
+
+
+class ApiKey(Base):
+    """An API key: only its sha256 is stored; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

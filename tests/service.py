@@ -101,3 +101,15 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def make_key(db_url: str, role: str = "admin", name: str | None = None) -> str:
+    """A real API key in the database at ``db_url`` (migrated already)."""
+    from app.core.db import make_engine, session_factory
+    from app.core.security import create_key
+
+    engine = make_engine(db_url)
+    with session_factory(engine)() as session:
+        key, _ = create_key(session, role, name or f"test-{role}")
+    engine.dispose()
+    return key

@@ -19,6 +19,7 @@ from tests.service import (
     bomb_png,
     flat_png,
     jpeg_bytes,
+    make_key,
     png_bytes,
     postgres_database,
     train_small_run,
@@ -55,8 +56,9 @@ def settings(db_url: str, run_dir: Path, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
+def client(settings: Settings, db_url: str) -> Iterator[TestClient]:
+    """The service with an admin key on every request (roles are tested in test_auth.py)."""
+    with TestClient(create_app(settings), headers={"X-API-Key": make_key(db_url)}) as c:
         yield c
 
 
@@ -249,6 +251,20 @@ def test_listing_filters_and_pages(client: TestClient) -> None:
     assert client.get("/predictions/9223372036854775808").status_code == 422
     assert client.put("/predictions/0/label", json={"label": "dent"}).status_code == 422
     assert client.get("/reports/99999999999").status_code == 422
+    # Also found by the fuzzer: values the database cannot hold are 422s, on both databases.
+    for query in (
+        "skip=99999999999999999999",
+        "since=0001-01-01T00:00:00%2B05:00",
+        "until=9999-12-31T23:59:59-05:00",
+        "source=a%00b",
+        "predicted=%00",
+    ):
+        r = client.get(f"/predictions?{query}")
+        assert r.status_code == 422, (query, r.text)
+    assert client.get("/stats?since=0001-01-01T00:00:00%2B05:00").status_code == 422
+    nul = client.put(f"/predictions/{ids[0]}/label", json={"label": "go\u0000od"})
+    assert nul.status_code == 422
+    assert predict(client, png_bytes(1), source="line\x001").status_code == 422
     assert client.get("/images/" + "0" * 64).status_code == 404
     assert client.get("/images/not-a-hash").status_code == 422
 
@@ -324,7 +340,7 @@ def test_not_ready_without_models(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url)
     settings = Settings(data_dir=tmp_path, database_url=url, runs_dir=tmp_path / "none")
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), headers={"X-API-Key": make_key(url)}) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and "maxmin-inspect train" in r.json()["detail"]
         p = c.post("/predict", files=[("files", ("a.png", png_bytes(), "image/png"))])

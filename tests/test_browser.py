@@ -20,7 +20,7 @@ import pytest
 
 from app.core.db import make_engine, session_factory, upgrade
 from app.crud import register_run
-from tests.service import png_bytes, train_small_run
+from tests.service import make_key, png_bytes, train_small_run
 
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     root = tmp_path_factory.mktemp("browser")
     run_dir = train_small_run(root)
     url = f"sqlite:///{root / 'var' / 'maxmin.db'}"
@@ -63,6 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with session_factory(engine)() as session:
         register_run(session, run_dir)
     engine.dispose()
+    manager_key = make_key(url, "manager", "anna (line manager)")
     port = _free_port()
     env = {
         **os.environ,
@@ -89,14 +90,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("the service did not become ready within 60 s")
             time.sleep(0.3)
-        yield base
+        yield base, manager_key
     finally:
         proc.terminate()
         proc.wait(timeout=20)
 
 
-def test_upload_label_and_see_it_on_the_dashboard(server: str, tmp_path: Path) -> None:
+def test_upload_label_and_see_it_on_the_dashboard(server: tuple[str, str], tmp_path: Path) -> None:
     executable = _chromium()
+    server, key = server
     from playwright.sync_api import expect, sync_playwright
 
     image = tmp_path / "part-0042.png"
@@ -105,7 +107,14 @@ def test_upload_label_and_see_it_on_the_dashboard(server: str, tmp_path: Path) -
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
-            page.goto(f"{server}/dashboard")
+            page.goto(f"{server}/dashboard")  # not logged in: sent to the login form
+            expect(page).to_have_url(f"{server}/login?next=/dashboard")
+            page.fill("#key", "mmi_not-a-real-key")
+            page.click("#login-button")
+            expect(page.locator("#login-error")).to_be_visible()
+            page.fill("#key", key)
+            page.click("#login-button")
+            expect(page).to_have_url(f"{server}/dashboard")
             expect(page.locator("#labelled-count")).to_have_text("0")
             page.goto(f"{server}/")
             page.set_input_files("#files", str(image))

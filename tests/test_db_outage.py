@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from app.core.config import Settings
 from app.core.db import upgrade
 from app.main import create_app
-from tests.service import png_bytes, postgres_database, train_small_run
+from tests.service import make_key, png_bytes, postgres_database, train_small_run
 
 
 class Relay:
@@ -96,7 +96,8 @@ def test_postgres_outage_gives_503_then_recovers(tmp_path: Path) -> None:
             data_dir=tmp_path / "var", database_url=via_relay, run_dir=run_dir, device="cpu"
         )
         try:
-            with TestClient(create_app(settings)) as client:
+            key = make_key(url)
+            with TestClient(create_app(settings), headers={"X-API-Key": key}) as client:
                 first = client.post(
                     "/predict", files=[("files", ("a.png", png_bytes(1), "image/png"))]
                 )

@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, func, select
 
 from app.core.storage import ImageStore
 from app.tables import LabelEvent, ModelOutput, Prediction, StoredImage
-from tests.service import CLASSES, png_bytes, postgres_database, train_small_run
+from tests.service import CLASSES, make_key, png_bytes, postgres_database, train_small_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 16
@@ -50,7 +50,20 @@ def _port() -> int:
 
 
 @contextmanager
-def server(db_url: str, run_dir: Path, data_dir: Path, port: int) -> Iterator[subprocess.Popen]:
+def server(
+    db_url: str, run_dir: Path, data_dir: Path, port: int
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A running `maxmin-inspect serve`; yields an admin key for it."""
+    from app.core.db import upgrade
+
+    upgrade(db_url)
+    key = make_key(db_url)
+    with _serve(db_url, run_dir, data_dir, port) as proc:
+        yield key, proc
+
+
+@contextmanager
+def _serve(db_url: str, run_dir: Path, data_dir: Path, port: int) -> Iterator[subprocess.Popen]:
     env = {
         **os.environ,
         "DATABASE_URL": db_url,
@@ -82,13 +95,15 @@ def server(db_url: str, run_dir: Path, data_dir: Path, port: int) -> Iterator[su
             proc.wait(timeout=20)
 
 
-def _load(base: str, seconds: float, acked: dict, stop: threading.Event) -> list[threading.Thread]:
+def _load(
+    base: str, key: str, seconds: float, acked: dict, stop: threading.Event
+) -> list[threading.Thread]:
     """Clients that predict (some images repeated) and label; ``acked`` records every 2xx."""
     lock = threading.Lock()
 
     def client(k: int) -> None:
         deadline = time.monotonic() + seconds
-        with httpx.Client(timeout=30) as http:
+        with httpx.Client(timeout=30, headers={"X-API-Key": key}) as http:
             i = 0
             while time.monotonic() < deadline and not stop.is_set():
                 seed = 1000 * k + (i % 7)  # every 7th upload repeats an image
@@ -149,8 +164,8 @@ def _check_consistent(db_url: str, store: ImageStore, acked: dict) -> dict[str, 
 @pytest.mark.slow
 def test_concurrent_clients_lose_nothing(db_url: str, run_dir: Path, tmp_path: Path) -> None:
     port, acked, stop = _port(), {}, threading.Event()
-    with server(db_url, run_dir, tmp_path / "var", port):
-        for t in _load(f"http://127.0.0.1:{port}", 4.0, acked, stop):
+    with server(db_url, run_dir, tmp_path / "var", port) as (key, _):
+        for t in _load(f"http://127.0.0.1:{port}", key, 4.0, acked, stop):
             t.join()
     assert len(acked) > 50
     found = _check_consistent(db_url, ImageStore(tmp_path / "var" / "images"), acked)
@@ -163,8 +178,8 @@ def test_concurrent_clients_lose_nothing(db_url: str, run_dir: Path, tmp_path: P
 @pytest.mark.slow
 def test_sigkill_mid_load_then_restart(db_url: str, run_dir: Path, tmp_path: Path) -> None:
     port, acked, stop = _port(), {}, threading.Event()
-    with server(db_url, run_dir, tmp_path / "var", port) as proc:
-        threads = _load(f"http://127.0.0.1:{port}", 10.0, acked, stop)
+    with server(db_url, run_dir, tmp_path / "var", port) as (key, proc):
+        threads = _load(f"http://127.0.0.1:{port}", key, 10.0, acked, stop)
         time.sleep(2.0)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -175,9 +190,10 @@ def test_sigkill_mid_load_then_restart(db_url: str, run_dir: Path, tmp_path: Pat
     found = _check_consistent(db_url, ImageStore(tmp_path / "var" / "images"), acked)
     print(f"{db_url.split(':')[0]}: killed after 2 s; {len(acked)} acknowledged, {found}")
     port = _port()
-    with server(db_url, run_dir, tmp_path / "var", port):  # it serves again
+    with server(db_url, run_dir, tmp_path / "var", port) as (key, _):  # it serves again
         r = httpx.post(
             f"http://127.0.0.1:{port}/predict",
+            headers={"X-API-Key": key},
             files=[("files", ("after.png", png_bytes(777), "image/png"))],
             timeout=30,
         )

@@ -169,6 +169,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
     s.add_argument("--workers", type=_positive_int, default=1, help="processes (default: 1)")
 
+    k = sub.add_parser(
+        "keys",
+        help="API keys: create, list, revoke",
+        description="API keys with roles: line (predict), inspector (also label "
+        "and the inspector page), manager (also dashboard, reports, stats), admin.",
+    )
+    k_sub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = k_sub.add_parser("create", help="create a key and print it once")
+    kc.add_argument("--role", required=True, choices=["line", "inspector", "manager", "admin"])
+    kc.add_argument("--name", required=True, help="who or what uses it, e.g. line-3 or anna")
+    k_sub.add_parser("list", help="list keys (never the keys themselves)")
+    kr = k_sub.add_parser("revoke", help="revoke a key by id or prefix")
+    kr.add_argument("key", help="the id or the prefix shown by 'keys list'")
+
     i = sub.add_parser(
         "import-run",
         help="register an existing run directory in the database",
@@ -305,6 +319,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging()
     settings = Settings()
     upgrade(settings.db_url)  # the explicit start-up migration; the app itself only checks
+    _first_admin_key(settings)
     os.environ["WEB_CONCURRENCY"] = str(args.workers)
     base = f"http://{args.host}:{args.port}"
     print(
@@ -320,6 +335,58 @@ def _serve(args: argparse.Namespace) -> int:
         log_level="info",
     )
     return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.core.config import Settings
+    from app.core.db import make_engine, session_factory, upgrade
+    from app.core.security import create_key, revoke_key
+    from app.tables import ApiKey
+
+    settings = Settings()
+    upgrade(settings.db_url)
+    engine = make_engine(settings.db_url)
+    try:
+        with session_factory(engine)() as session:
+            if args.keys_command == "create":
+                key, row = create_key(session, args.role, args.name)
+                print(f"Created {row.role} key {row.id} for {row.name}. It is shown only now:")
+                print(key)
+            elif args.keys_command == "list":
+                for row in session.execute(select(ApiKey).order_by(ApiKey.id)).scalars():
+                    state = "revoked" if row.revoked_at else "active"
+                    print(f"{row.id:>4}  {row.prefix}…  {row.role:<9}  {state:<7}  {row.name}")
+            else:
+                try:
+                    row = revoke_key(session, args.key)
+                except LookupError as exc:
+                    raise ValueError(str(exc)) from None
+                print(f"Revoked key {row.id} ({row.name}).")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _first_admin_key(settings) -> None:  # noqa: ANN001
+    """On a database without keys, create an admin key and print it (only this once)."""
+    from app.core.db import make_engine, session_factory
+    from app.core.security import any_keys, create_key
+
+    if not settings.auth_enabled:
+        return
+    engine = make_engine(settings.db_url)
+    with session_factory(engine)() as session:
+        if not any_keys(session):
+            key, _ = create_key(session, "admin", "first admin")
+            print(
+                "First start: created an admin key. Keep it; it is not shown again:\n"
+                f"  {key}\nLog in with it at /login; create others with "
+                "`maxmin-inspect keys create --role inspector --name NAME`.",
+                flush=True,
+            )
+    engine.dispose()
 
 
 def _import_run(args: argparse.Namespace) -> int:
@@ -348,6 +415,7 @@ COMMANDS = {
     "db": _db,
     "serve": _serve,
     "import-run": _import_run,
+    "keys": _keys,
 }
 
 

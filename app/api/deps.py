@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.inference import Classifier
+from app.core.security import Principal, require
 from app.core.storage import ImageStore
 
 
@@ -34,6 +35,10 @@ def get_classifier(request: Request) -> Classifier:
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
+LineDep = Annotated[Principal, Depends(require("line"))]
+InspectorDep = Annotated[Principal, Depends(require("inspector"))]
+ManagerDep = Annotated[Principal, Depends(require("manager"))]
+AdminDep = Annotated[Principal, Depends(require("admin"))]
 # Ids are 32-bit integer columns; larger numbers are a 422 here, not a database error later.
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024 * 1024  # bytes per request
     max_image_pixels: int = 40_000_000  # decoded size guard against decompression bombs
     page_size_max: int = 200
+    auth_enabled: bool = True  # API keys and roles; switch off only on a closed test bench
+    session_secret: str | None = None  # cookie signing key; default: generated in data_dir
+    cookie_secure: bool = False  # set true behind HTTPS so the session cookie never goes in clear
     batch_max_size: int = 64  # images per pass through the models
     batch_wait_ms: float = 0.0  # extra wait for company; 0: batch whatever queued meanwhile
     queue_max: int = 512  # waiting requests before new ones get 503 (back-pressure)

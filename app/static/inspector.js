@@ -6,6 +6,7 @@
   const status = document.getElementById("status");
   const results = document.getElementById("results");
   const { classes, models } = window.INSPECT;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
 
   function el(tag, attrs, text) {
     const node = document.createElement(tag);
@@ -23,7 +24,9 @@
     status.textContent = `Classifying ${fileList.length} image(s)…`;
     let res;
     try {
-      res = await fetch("/predict", { method: "POST", body, credentials: "same-origin" });
+      res = await fetch("/predict", {
+        method: "POST", body, credentials: "same-origin", headers: { "X-CSRF-Token": csrf },
+      });
     } catch (err) {
       status.textContent = `The service did not answer: ${err}`;
       return;
@@ -72,7 +75,7 @@
   async function label(id, value, labels, done) {
     const res = await fetch(`/predictions/${id}/label`, {
       method: "PUT",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
       body: JSON.stringify({ label: value }),
       credentials: "same-origin",
     });

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path
 from fastapi.responses import FileResponse
 
-from app.api.deps import SessionDep, StoreDep
+from app.api.deps import InspectorDep, SessionDep, StoreDep
 from app.tables import StoredImage
 
 router = APIRouter(tags=["images"])
@@ -19,7 +19,10 @@ router = APIRouter(tags=["images"])
     responses={404: {"description": "no such image"}},
 )
 def read_image(
-    sha256: Annotated[str, Path(pattern="^[0-9a-f]{64}$")], session: SessionDep, store: StoreDep
+    _: InspectorDep,
+    sha256: Annotated[str, Path(pattern="^[0-9a-f]{64}$")],
+    session: SessionDep,
+    store: StoreDep,
 ) -> FileResponse:
     """The image bytes as uploaded."""
     row = session.get(StoredImage, sha256)

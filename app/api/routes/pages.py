@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
 from app.api.deps import SessionDep
 from app.api.routes.predictions import to_public
+from app.core.security import RANK, Principal, authenticate, check_csrf, csrf_token, find_key
 from app.crud import PredictionFilter, compute_stats, list_predictions
 from app.tables import Run
 from training.report import accuracy_cost_chart
@@ -20,9 +21,82 @@ templates = Jinja2Templates(directory=Path(__file__).resolve().parents[2] / "tem
 templates.env.filters["pct"] = lambda v: "–" if v is None else f"{v * 100:.1f}%"
 
 
+def _page_user(request: Request, role: str) -> Principal | Response:
+    """The logged-in user if their role suffices; else a redirect to /login or a 403 page."""
+    if not request.app.state.settings.auth_enabled:
+        return Principal(0, "anonymous", "admin", "open")
+    who = authenticate(request)
+    if who is None:
+        return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+    if RANK[who.role] < RANK[role]:
+        return templates.TemplateResponse(
+            request,
+            "denied.html",
+            {"who": who, "needed": role, "csrf": csrf_token(request)},
+            status_code=403,
+        )
+    return who
+
+
+def _safe_next(target: str | None) -> str:
+    """Only same-site paths: never redirect a login to another host."""
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return "/"
+    return target
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str | None = None) -> HTMLResponse:  # noqa: A002
+    """The login form: paste an API key once; a signed, HTTP-only cookie keeps the session."""
+    return templates.TemplateResponse(
+        request,
+        "login.html",
+        {"csrf": csrf_token(request), "next": _safe_next(next), "error": None},
+    )
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    session: SessionDep,
+    key: str = Form(""),
+    csrf: str = Form(""),
+    next: str = Form("/"),  # noqa: A002
+) -> Response:
+    """Check the key; on success remember it in the session and go where the user was going."""
+    check_csrf(request, csrf)
+    row = find_key(session, key.strip())
+    if row is None:
+        return templates.TemplateResponse(
+            request,
+            "login.html",
+            {
+                "csrf": csrf_token(request),
+                "next": _safe_next(next),
+                "error": "That key is unknown or revoked.",
+            },
+            status_code=401,
+        )
+    request.session.clear()
+    request.session["key_id"] = row.id
+    csrf_token(request)  # a fresh token for the new session
+    return RedirectResponse(_safe_next(next), status_code=303)
+
+
+@router.post("/logout")
+def logout(request: Request, csrf: str = Form("")) -> Response:
+    """End the session."""
+    check_csrf(request, csrf)
+    request.session.clear()
+    return RedirectResponse("/login", status_code=303)
+
+
 @router.get("/", response_class=HTMLResponse)
-def inspector_page(request: Request, session: SessionDep) -> HTMLResponse:
+def inspector_page(request: Request, session: SessionDep) -> Response:
     """Upload or photograph parts, see both models' answers, confirm or correct the label."""
+    who = _page_user(request, "inspector")
+    if not isinstance(who, Principal):
+        return who
     classifier = request.app.state.classifier
     recent, _ = list_predictions(session, PredictionFilter(labelled=True), 0, 10)
     return templates.TemplateResponse(
@@ -33,13 +107,18 @@ def inspector_page(request: Request, session: SessionDep) -> HTMLResponse:
             "models": list(classifier.models) if classifier else [],
             "models_error": request.app.state.models_error,
             "recent": [to_public(p) for p in recent],
+            "who": who,
+            "csrf": csrf_token(request),
         },
     )
 
 
 @router.get("/dashboard", response_class=HTMLResponse)
-def dashboard_page(request: Request, session: SessionDep) -> HTMLResponse:
+def dashboard_page(request: Request, session: SessionDep) -> Response:
     """Accuracy versus cost from the latest report, and the live A/B from inspectors' labels."""
+    who = _page_user(request, "manager")
+    if not isinstance(who, Principal):
+        return who
     classifier = request.app.state.classifier
     runs = list(
         session.execute(select(Run).order_by(Run.created_at.desc(), Run.id.desc())).scalars()
@@ -59,5 +138,7 @@ def dashboard_page(request: Request, session: SessionDep) -> HTMLResponse:
             "stats": stats,
             "disagreements": [to_public(p) for p in disagreements],
             "models_error": request.app.state.models_error,
+            "who": who,
+            "csrf": csrf_token(request),
         },
     )

@@ -14,10 +14,18 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from app.api.deps import ClassifierDep, RowId, SessionDep, SettingsDep
+from app.api.deps import (
+    ClassifierDep,
+    InspectorDep,
+    LineDep,
+    RowId,
+    SessionDep,
+    SettingsDep,
+)
 from app.core.batcher import BatchResult, Overloaded
 from app.core.inference import Classifier, Decoded
 from app.crud import (
+    InvalidFilter,
     InvalidLabel,
     NewImage,
     NewOutput,
@@ -98,6 +106,8 @@ def _text(value: object, name: str) -> str | None:
     if not isinstance(value, str):
         raise HTTPException(422, detail=f"'{name}' must be text, not a file")
     value = value.strip()
+    if "\x00" in value:
+        raise HTTPException(422, detail=f"'{name}' contains a NUL character")
     if len(value) > 200:
         raise HTTPException(422, detail=f"'{name}' is longer than 200 characters")
     return value or None
@@ -227,6 +237,7 @@ def _build_items(
     },
 )
 async def create_prediction(
+    _: LineDep,
     request: Request,
     settings: SettingsDep,
     classifier: ClassifierDep,
@@ -274,6 +285,7 @@ async def create_prediction(
 
 @router.get("/predictions", response_model=PredictionsPublic, summary="List stored predictions")
 def read_predictions(
+    _: InspectorDep,
     session: SessionDep,
     settings: SettingsDep,
     since: datetime | None = None,
@@ -282,12 +294,15 @@ def read_predictions(
     labelled: bool | None = None,
     disagree: Annotated[bool | None, Query(description="only where the models disagree")] = None,
     predicted: Annotated[str | None, Query(description="a class any model predicted")] = None,
-    skip: Annotated[int, Query(ge=0)] = 0,
+    skip: Annotated[int, Query(ge=0, le=10**9)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> PredictionsPublic:
     """Newest first; filter by time, source, labelled or not, disagreement, predicted class."""
     f = PredictionFilter(since, until, source, labelled, disagree, predicted)
-    rows, count = list_predictions(session, f, skip, min(limit, settings.page_size_max))
+    try:
+        rows, count = list_predictions(session, f, skip, min(limit, settings.page_size_max))
+    except InvalidFilter as exc:
+        raise HTTPException(422, detail=str(exc)) from None
     return PredictionsPublic(data=[to_public(p) for p in rows], count=count)
 
 
@@ -296,7 +311,7 @@ def read_predictions(
     response_model=PredictionPublic,
     responses={404: {"description": "unknown prediction"}},
 )
-def read_prediction(prediction_id: RowId, session: SessionDep) -> PredictionPublic:
+def read_prediction(_: InspectorDep, prediction_id: RowId, session: SessionDep) -> PredictionPublic:
     """One prediction with both models' answers and its label history."""
     try:
         return to_public(get_prediction(session, prediction_id))
@@ -312,10 +327,13 @@ def read_prediction(prediction_id: RowId, session: SessionDep) -> PredictionPubl
         422: {"description": "label not among the classes"},
     },
 )
-def update_label(prediction_id: RowId, body: LabelUpdate, session: SessionDep) -> PredictionPublic:
+def update_label(
+    who: InspectorDep, prediction_id: RowId, body: LabelUpdate, session: SessionDep
+) -> PredictionPublic:
     """Set the inspector's ground truth; a correction keeps the earlier labels in the history."""
     try:
-        return to_public(set_label(session, prediction_id, body.label, body.labelled_by))
+        labelled_by = body.labelled_by or who.name  # the key's owner unless named
+        return to_public(set_label(session, prediction_id, body.label, labelled_by))
     except NotFound as exc:
         raise HTTPException(404, detail=str(exc)) from None
     except InvalidLabel as exc:

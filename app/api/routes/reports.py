@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 
-from app.api.deps import RowId, SessionDep
+from app.api.deps import ManagerDep, RowId, SessionDep
 from app.crud import as_utc
 from app.schemas import RunPublic, RunsPublic, RunSummary
 from app.tables import Run
@@ -29,7 +29,7 @@ def _summary(run: Run) -> dict:
 
 
 @router.get("/reports", response_model=RunsPublic)
-def read_reports(session: SessionDep) -> RunsPublic:
+def read_reports(_: ManagerDep, session: SessionDep) -> RunsPublic:
     """Registered training runs, newest first."""
     runs = session.execute(select(Run).order_by(Run.created_at.desc(), Run.id.desc())).scalars()
     data = [RunSummary(**_summary(r)) for r in runs]
@@ -42,6 +42,7 @@ def read_reports(session: SessionDep) -> RunsPublic:
     responses={200: {"content": {"text/html": {}}}, 404: {"description": "unknown report"}},
 )
 def read_report(  # noqa: ANN201
+    _: ManagerDep,
     run_id: RowId,
     request: Request,
     session: SessionDep,

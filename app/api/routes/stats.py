@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException
 
-from app.api.deps import ClassifierDep, SessionDep, SettingsDep
-from app.crud import compute_stats
+from app.api.deps import ClassifierDep, ManagerDep, SessionDep, SettingsDep
+from app.crud import InvalidFilter, compute_stats
 from app.schemas import StatsPublic
 
 router = APIRouter(tags=["stats"])
@@ -15,6 +15,7 @@ router = APIRouter(tags=["stats"])
 
 @router.get("/stats", response_model=StatsPublic)
 def read_stats(
+    _: ManagerDep,
     session: SessionDep,
     settings: SettingsDep,
     classifier: ClassifierDep,
@@ -23,4 +24,7 @@ def read_stats(
 ) -> StatsPublic:
     """Per-model accuracy (95% Wilson interval), paired comparison (McNemar), confusion, latency."""
     names = list(classifier.models)
-    return StatsPublic(**compute_stats(session, since, until, names, classifier.classes))
+    try:
+        return StatsPublic(**compute_stats(session, since, until, names, classifier.classes))
+    except InvalidFilter as exc:
+        raise HTTPException(422, detail=str(exc)) from None

@@ -1,0 +1,146 @@
+"""API keys with roles, the pages' session login, and CSRF protection.
+
+Roles are ordered: line (predict) < inspector (also label, the inspector page, images) < manager
+(also dashboard, reports, stats, metrics) < admin (also keys). Keys are stored as sha256 digests;
+a key is 32 random bytes, so a fast hash is enough (nothing to brute-force). Line systems send
+``X-API-Key``; people log in once through /login and get a signed, HTTP-only session cookie, and
+every state-changing request made with that cookie must carry the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fastapi import HTTPException, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.tables import ApiKey
+
+ROLES = ("line", "inspector", "manager", "admin")
+RANK = {role: i for i, role in enumerate(ROLES)}
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: int
+    name: str
+    role: str
+    via: str  # "header", "cookie" or "open" (access control switched off)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, role: str, name: str) -> tuple[str, ApiKey]:
+    """A new key for ``role``; the plain key is returned once and never stored."""
+    if role not in RANK:
+        raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    if not name.strip():
+        raise ValueError("a key needs a name (who or what uses it)")
+    key = "mmi_" + secrets.token_urlsafe(32)
+    row = ApiKey(name=name.strip()[:200], role=role, prefix=key[:12], key_sha256=hash_key(key))
+    session.add(row)
+    session.commit()
+    return key, row
+
+
+def find_key(session: Session, key: str) -> ApiKey | None:
+    """The live key row for ``key``, or None (unknown or revoked)."""
+    if not key or len(key) > 200:
+        return None
+    row = session.execute(
+        select(ApiKey).where(ApiKey.key_sha256 == hash_key(key))
+    ).scalar_one_or_none()
+    return row if row is not None and row.revoked_at is None else None
+
+
+def revoke_key(session: Session, ident: str) -> ApiKey:
+    """Revoke by id or by the key's shown prefix."""
+    query = select(ApiKey).where(ApiKey.prefix == ident)
+    if ident.isdigit():
+        query = select(ApiKey).where(ApiKey.id == int(ident))
+    row = session.execute(query).scalar_one_or_none()
+    if row is None:
+        raise LookupError(f"no key with id or prefix {ident!r}")
+    row.revoked_at = datetime.now(UTC)
+    session.commit()
+    return row
+
+
+def any_keys(session: Session) -> bool:
+    return session.execute(select(ApiKey.id).limit(1)).first() is not None
+
+
+def session_secret(data_dir: Path, configured: str | None) -> str:
+    """The cookie-signing secret: the setting, else one generated once and kept in the data dir."""
+    if configured:
+        return configured
+    path = Path(data_dir) / "session.key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def authenticate(request: Request) -> Principal | None:
+    """Who is calling: an X-API-Key header, else the session cookie's key; None if neither."""
+    header = request.headers.get("x-api-key")
+    with request.app.state.sessions() as session:
+        if header is not None:
+            row = find_key(session, header)
+            return None if row is None else Principal(row.id, row.name, row.role, "header")
+        key_id = request.session.get("key_id") if "session" in request.scope else None
+        if key_id is None:
+            return None
+        row = session.get(ApiKey, key_id)
+        if row is None or row.revoked_at is not None:
+            request.session.clear()
+            return None
+        return Principal(row.id, row.name, row.role, "cookie")
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, created on first use."""
+    token = request.session.get("csrf")
+    if not token:
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def check_csrf(request: Request, sent: str | None) -> None:
+    expected = request.session.get("csrf")
+    if not expected or not sent or not hmac.compare_digest(expected, sent):
+        raise HTTPException(403, detail="missing or invalid CSRF token; reload the page")
+
+
+def require(role: str):  # noqa: ANN201
+    """A dependency admitting ``role`` and the roles above it."""
+
+    def dependency(request: Request) -> Principal:
+        if not request.app.state.settings.auth_enabled:
+            return Principal(0, "anonymous", "admin", "open")
+        who = authenticate(request)
+        if who is None:
+            raise HTTPException(
+                401,
+                detail="missing or invalid API key: send the X-API-Key header, or log in at /login",
+                headers={"WWW-Authenticate": "API-Key"},
+            )
+        if RANK[who.role] < RANK[role]:
+            raise HTTPException(
+                403, detail=f"a '{who.role}' key may not do this; it needs '{role}' or above"
+            )
+        if who.via == "cookie" and request.method not in SAFE_METHODS:
+            check_csrf(request, request.headers.get("x-csrf-token"))
+        return who
+
+    return dependency
