@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -71,7 +72,8 @@ async def _load(
         raise SystemExit("the load generator only targets loopback")
     out: dict = {"latency": [], "errors": 0, "timing": {}}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    headers = {"X-API-Key": os.environ["MAXMIN_API_KEY"]} if "MAXMIN_API_KEY" in os.environ else {}
+    async with httpx.AsyncClient(limits=limits, timeout=60, headers=headers) as client:
         await client.post(url, files=[("files", (images[0][0], images[0][1], "image/jpeg"))])
         budget = [max_requests]
         t0 = time.perf_counter()

@@ -43,7 +43,13 @@ def _wait(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
 
 
 def _measure(
-    name: str, cmd: list[str], env: dict, port: int, args: argparse.Namespace, ready_path: str
+    name: str,
+    cmd: list[str],
+    env: dict,
+    port: int,
+    args: argparse.Namespace,
+    ready_path: str,
+    load_env: dict | None = None,
 ) -> list[dict]:
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -68,7 +74,7 @@ def _measure(
             ],
             capture_output=True,
             text=True,
-            env=env,
+            env=load_env or env,
             check=True,
         )
         rows = [json.loads(line) for line in load.stdout.splitlines() if line.startswith("{")]
@@ -132,6 +138,26 @@ def main() -> None:
             "MAXMIN_DEVICE": args.device,
         }
         svc_env.pop("DATABASE_URL", None)
+        # A line key, as a line system would send: the access check is part of the cost.
+        made = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "training.cli",
+                "keys",
+                "create",
+                "--role",
+                "line",
+                "--name",
+                "bench",
+            ],
+            env=svc_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        load_env = {**env, "MAXMIN_API_KEY": made.stdout.strip().splitlines()[-1]}
         summary["service"] = _measure(
             "ours",
             [
@@ -148,6 +174,7 @@ def main() -> None:
             port,
             args,
             "/readyz",
+            load_env,
         )
     ratio = {}
     for p, s in zip(summary["plain"], summary["service"], strict=True):
