@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -129,6 +130,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for e in exc.errors()
         ]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(OSError)
+    async def _storage(_: Request, exc: OSError) -> JSONResponse:
+        log.error("image storage error: %s", exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            detail = "image storage is full; free disk space under the data directory"
+        else:
+            detail = f"image storage unavailable: {exc.strerror or exc}"
+        return JSONResponse({"detail": detail}, status_code=503)
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
