@@ -105,11 +105,9 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
 
 def make_key(db_url: str, role: str = "admin", name: str | None = None) -> str:
     """A real API key in the database at ``db_url`` (migrated already)."""
-    from app.core.db import make_engine, session_factory
+    from app.core.db import command_session
     from app.core.security import create_key
 
-    engine = make_engine(db_url)
-    with session_factory(engine)() as session:
+    with command_session(db_url, migrate=False) as session:
         key, _ = create_key(session, role, name or f"test-{role}")
-    engine.dispose()
     return key

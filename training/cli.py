@@ -272,17 +272,13 @@ def _register(run_dir: Path) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from app.core.config import Settings
-    from app.core.db import make_engine, session_factory, upgrade
+    from app.core.db import command_session
     from app.crud import register_run
 
-    settings = Settings()
     try:
-        upgrade(settings.db_url)
-        engine = make_engine(settings.db_url)
-        with session_factory(engine)() as session:
+        with command_session(Settings().db_url) as session:
             run = register_run(session, run_dir)
             print(f"Registered as report {run.id} in the service's database.")
-        engine.dispose()
     except (SQLAlchemyError, OSError) as exc:
         print(
             f"warning: run not registered in the database ({exc.__class__.__name__}: {exc}); "
@@ -341,43 +337,36 @@ def _keys(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from app.core.config import Settings
-    from app.core.db import make_engine, session_factory, upgrade
+    from app.core.db import command_session
     from app.core.security import create_key, revoke_key
     from app.tables import ApiKey
 
-    settings = Settings()
-    upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
-    try:
-        with session_factory(engine)() as session:
-            if args.keys_command == "create":
-                key, row = create_key(session, args.role, args.name)
-                print(f"Created {row.role} key {row.id} for {row.name}. It is shown only now:")
-                print(key)
-            elif args.keys_command == "list":
-                for row in session.execute(select(ApiKey).order_by(ApiKey.id)).scalars():
-                    state = "revoked" if row.revoked_at else "active"
-                    print(f"{row.id:>4}  {row.prefix}…  {row.role:<9}  {state:<7}  {row.name}")
-            else:
-                try:
-                    row = revoke_key(session, args.key)
-                except LookupError as exc:
-                    raise ValueError(str(exc)) from None
-                print(f"Revoked key {row.id} ({row.name}).")
-    finally:
-        engine.dispose()
+    with command_session(Settings().db_url) as session:
+        if args.keys_command == "create":
+            key, row = create_key(session, args.role, args.name)
+            print(f"Created {row.role} key {row.id} for {row.name}. It is shown only now:")
+            print(key)
+        elif args.keys_command == "list":
+            for row in session.execute(select(ApiKey).order_by(ApiKey.id)).scalars():
+                state = "revoked" if row.revoked_at else "active"
+                print(f"{row.id:>4}  {row.prefix}…  {row.role:<9}  {state:<7}  {row.name}")
+        else:
+            try:
+                row = revoke_key(session, args.key)
+            except LookupError as exc:
+                raise ValueError(str(exc)) from None
+            print(f"Revoked key {row.id} ({row.name}).")
     return 0
 
 
 def _first_admin_key(settings) -> None:  # noqa: ANN001
     """On a database without keys, create an admin key and print it (only this once)."""
-    from app.core.db import make_engine, session_factory
+    from app.core.db import command_session
     from app.core.security import any_keys, create_key
 
     if not settings.auth_enabled:
         return
-    engine = make_engine(settings.db_url)
-    with session_factory(engine)() as session:
+    with command_session(settings.db_url, migrate=False) as session:
         if not any_keys(session):
             key, _ = create_key(session, "admin", "first admin")
             print(
@@ -386,25 +375,19 @@ def _first_admin_key(settings) -> None:  # noqa: ANN001
                 "`maxmin-inspect keys create --role inspector --name NAME`.",
                 flush=True,
             )
-    engine.dispose()
 
 
 def _import_run(args: argparse.Namespace) -> int:
     from app.core.config import Settings
-    from app.core.db import make_engine, session_factory, upgrade
+    from app.core.db import command_session
     from app.crud import NotFound, register_run
 
-    settings = Settings()
-    upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
     try:
-        with session_factory(engine)() as session:
+        with command_session(Settings().db_url) as session:
             run = register_run(session, args.run_dir)
             print(f"Registered {run.run_dir} as report {run.id}.")
     except NotFound as exc:
         raise FileNotFoundError(str(exc)) from None
-    finally:
-        engine.dispose()
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -71,3 +73,16 @@ def check_schema(engine: Engine) -> None:
             f"database schema is at revision {current or 'none (empty database)'}, this service "
             f"needs {head}: run `maxmin-inspect db upgrade`"
         )
+
+
+@contextmanager
+def command_session(url: str, migrate: bool = True) -> Iterator[Session]:
+    """A session for a command run outside the service, after applying the migrations."""
+    if migrate:
+        upgrade(url)
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
