@@ -190,3 +190,15 @@ def test_first_start_creates_and_prints_an_admin_key(
     assert "created an admin key" in out and "mmi_" in out
     _first_admin_key(settings)
     assert capsys.readouterr().out == ""  # only once
+
+
+def test_workers_share_one_session_secret(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.core.security import session_secret
+
+    with ThreadPoolExecutor(8) as pool:
+        secrets_seen = set(pool.map(lambda _: session_secret(tmp_path, None), range(16)))
+    assert len(secrets_seen) == 1 and len(secrets_seen.pop()) > 40
+    assert (tmp_path / "session.key").stat().st_mode & 0o777 == 0o600
+    assert session_secret(tmp_path, "configured") == "configured"

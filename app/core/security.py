@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -85,10 +87,19 @@ def session_secret(data_dir: Path, configured: str | None) -> str:
         return configured
     path = Path(data_dir) / "session.key"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file():
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    try:  # exclusive create: workers starting together agree on one secret
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48))
+    for _ in range(50):  # another worker may be writing it this instant
+        secret = path.read_text().strip()
+        if secret:
+            return secret
+        time.sleep(0.02)
+    raise RuntimeError(f"session secret file {path} is empty")
 
 
 def authenticate(request: Request) -> Principal | None:
