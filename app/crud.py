@@ -367,7 +367,12 @@ def register_run(session: Session, run_dir: Path) -> Run:
     return run
 
 
+def list_runs(session: Session, limit: int | None = None) -> list[Run]:
+    """Registered runs, newest first."""
+    query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
+    return list(session.execute(query).scalars())
+
+
 def latest_run(session: Session) -> Run | None:
-    return session.execute(
-        select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(1)
-    ).scalar_one_or_none()
+    runs = list_runs(session, limit=1)
+    return runs[0] if runs else None

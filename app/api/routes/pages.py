@@ -7,13 +7,11 @@ from pathlib import Path
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
 
 from app.api.deps import SessionDep
 from app.api.routes.predictions import to_public
 from app.core.security import RANK, Principal, authenticate, check_csrf, csrf_token, find_key
-from app.crud import PredictionFilter, compute_stats, list_predictions
-from app.tables import Run
+from app.crud import PredictionFilter, compute_stats, list_predictions, list_runs
 from training.report import accuracy_cost_chart
 
 router = APIRouter(include_in_schema=False)
@@ -120,9 +118,7 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
     if not isinstance(who, Principal):
         return who
     classifier = request.app.state.classifier
-    runs = list(
-        session.execute(select(Run).order_by(Run.created_at.desc(), Run.id.desc())).scalars()
-    )
+    runs = list_runs(session)
     latest = runs[0] if runs else None
     stats = None
     if classifier is not None:

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
-from sqlalchemy import select
 
 from app.api.deps import ManagerDep, RowId, SessionDep
-from app.crud import as_utc
+from app.crud import as_utc, list_runs
 from app.schemas import RunPublic, RunsPublic, RunSummary
 from app.tables import Run
 
@@ -31,7 +30,7 @@ def _summary(run: Run) -> dict:
 @router.get("/reports", response_model=RunsPublic)
 def read_reports(_: ManagerDep, session: SessionDep) -> RunsPublic:
     """Registered training runs, newest first."""
-    runs = session.execute(select(Run).order_by(Run.created_at.desc(), Run.id.desc())).scalars()
+    runs = list_runs(session)
     data = [RunSummary(**_summary(r)) for r in runs]
     return RunsPublic(data=data, count=len(data))
 
