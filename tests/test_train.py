@@ -202,3 +202,14 @@ def test_import_run_command(
     assert main(["db", "upgrade"]) == 1
     err = capsys.readouterr().err
     assert "database error" in err and "Traceback" not in err
+
+
+def test_class_weights_balance_rare_classes() -> None:
+    from training.engine import class_weights
+
+    labels = torch.tensor([0] * 80 + [1] * 15 + [2] * 5)
+    w = class_weights(labels, 3)
+    # Each class's total weight is the same, so a rare defect counts as much as the common one.
+    totals = torch.bincount(labels, minlength=3).float() * w
+    assert torch.allclose(totals, totals[0].expand(3))
+    assert w[2] > w[1] > w[0] and abs(float((w * torch.bincount(labels)).sum()) - 100) < 1e-4
