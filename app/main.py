@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -24,8 +23,9 @@ from app.core.config import Settings, get_settings
 from app.core.db import check_schema, make_engine, session_factory
 from app.core.inference import Classifier, ModelsUnavailable
 from app.core.limits import BodyLimitMiddleware
-from app.core.observability import Metrics, observe
-from app.core.security import session_secret
+from app.core.model_process import ModelProcess, ModelProcessFailed
+from app.core.observability import Metrics, ObserveMiddleware
+from app.core.security import KeyCache, session_secret
 from app.core.storage import ImageStore
 from app.core.writer import GroupWriter
 from app.crud import latest_run
@@ -61,8 +61,16 @@ def load_models(app: FastAPI) -> None:
         )
         return
     try:
-        app.state.classifier = Classifier(run_dir, settings.ab_models, settings.device)
-    except (ModelsUnavailable, CheckpointError, ValueError, OSError) as exc:
+        # With a model process, this copy only decodes and names things: it stays on the CPU.
+        device = "cpu" if settings.model_process else settings.device
+        app.state.classifier = Classifier(run_dir, settings.ab_models, device)
+        app.state.runner = app.state.classifier
+        if settings.model_process:
+            app.state.runner = ModelProcess(
+                run_dir, settings.ab_models, settings.device, settings.threads
+            )
+    except (ModelsUnavailable, ModelProcessFailed, CheckpointError, ValueError, OSError) as exc:
+        app.state.classifier = None
         app.state.models_error = f"cannot load models from {run_dir}: {exc}"
         log.error(app.state.models_error)
 
@@ -70,10 +78,8 @@ def load_models(app: FastAPI) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    threads = settings.torch_threads or max(
-        1, (os.cpu_count() or 1) // int(os.environ.get("WEB_CONCURRENCY", "1"))
-    )
-    torch.set_num_threads(threads)
+    # The web process's own torch work is tiny when the models run in their own process.
+    torch.set_num_threads(1 if settings.model_process else settings.threads)
     engine = make_engine(settings.db_url)
     check_schema(engine)  # refuse an un-migrated database, naming the command to run
     app.state.engine = engine
@@ -81,11 +87,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = ImageStore(settings.images_dir)
     load_models(app)
     app.state.writer = GroupWriter(app.state.sessions, app.state.store)
-    app.state.decode_pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
+    app.state.decode_pool = ThreadPoolExecutor(settings.core_share, thread_name_prefix="decode")
     app.state.batcher = None
     if app.state.classifier is not None:
         app.state.batcher = MicroBatcher(
-            app.state.classifier,
+            app.state.runner,
             settings.batch_max_size,
             settings.batch_wait_ms,
             settings.queue_max,
@@ -93,6 +99,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     if app.state.batcher is not None:
         app.state.batcher.close()
+    if isinstance(getattr(app.state, "runner", None), ModelProcess):
+        app.state.runner.close()
     app.state.writer.close()
     app.state.decode_pool.shutdown(wait=True)
     engine.dispose()
@@ -118,7 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         https_only=settings.cookie_secure,
     )
     app.state.metrics = Metrics()
-    app.middleware("http")(observe)
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+    app.add_middleware(ObserveMiddleware)
     for module in (health, metrics, predictions, images, stats, reports, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

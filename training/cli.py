@@ -329,6 +329,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level="info",
+        access_log=False,  # the service logs each request itself, as JSON with its request id
     )
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.tables import ApiKey
 
@@ -102,6 +103,32 @@ def session_secret(data_dir: Path, configured: str | None) -> str:
     raise RuntimeError(f"session secret file {path} is empty")
 
 
+class KeyCache:
+    """Header keys seen in the last ``ttl`` seconds, so that a line system's every request does
+    not cost a database lookup (and a hop to a worker thread). Only valid keys are kept; a key
+    revoked meanwhile stops working within ``ttl`` seconds."""
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl, self.max_entries = ttl, max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, digest: str) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            self._entries.pop(digest, None)
+            return None
+        return entry[1]
+
+    def put(self, digest: str, who: Principal) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[digest] = (time.monotonic() + self.ttl, who)
+
+
 def authenticate(request: Request) -> Principal | None:
     """Who is calling: an X-API-Key header, else the session cookie's key; None if neither."""
     header = request.headers.get("x-api-key")
@@ -136,10 +163,17 @@ def check_csrf(request: Request, sent: str | None) -> None:
 def require(role: str):  # noqa: ANN201
     """A dependency admitting ``role`` and the roles above it."""
 
-    def dependency(request: Request) -> Principal:
+    async def dependency(request: Request) -> Principal:
         if not request.app.state.settings.auth_enabled:
             return Principal(0, "anonymous", "admin", "open")
-        who = authenticate(request)
+        cache: KeyCache = request.app.state.key_cache
+        header = request.headers.get("x-api-key")
+        digest = hash_key(header) if header is not None and len(header) <= 200 else None
+        who = cache.get(digest) if digest is not None else None
+        if who is None:
+            who = await run_in_threadpool(authenticate, request)
+            if who is not None and digest is not None:
+                cache.put(digest, who)
         if who is None:
             raise HTTPException(
                 401,

@@ -24,6 +24,7 @@ from app.api.deps import (
 )
 from app.core.batcher import BatchResult, Overloaded
 from app.core.inference import Classifier, Decoded
+from app.core.model_process import ModelProcessFailed
 from app.crud import (
     InvalidFilter,
     InvalidLabel,
@@ -32,6 +33,7 @@ from app.crud import (
     NotFound,
     PredictionBatch,
     PredictionFilter,
+    StoredPrediction,
     as_utc,
     get_prediction,
     list_predictions,
@@ -69,7 +71,7 @@ PREDICT_BODY = {
 }
 
 
-def to_public(pred: Prediction) -> PredictionPublic:
+def to_public(pred: Prediction | StoredPrediction) -> PredictionPublic:
     """The API's view of a stored prediction."""
     return PredictionPublic(
         id=pred.id,
@@ -261,6 +263,10 @@ async def create_prediction(
         result = await asyncio.wrap_future(batcher.submit(np.stack([d.array for d in decoded])))
     except Overloaded as exc:
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
+    except ModelProcessFailed as exc:
+        raise HTTPException(
+            503, detail=f"models unavailable: {exc}", headers={"Retry-After": "2"}
+        ) from None
     t3 = time.perf_counter()
     items = _build_items(classifier, uploads, decoded, result)
     _count(request.app.state.metrics, items, result)

@@ -1,0 +1,147 @@
+"""The A/B models in a process of their own, beside the web process.
+
+PyTorch lets go of the GIL inside each operation but takes it back between operations, so a model
+called from a thread of the web process waits for the GIL after every layer while the event loop
+parses requests and the writer talks to the database. Measured on a 2-core CPU: one MaxMin pass over
+16 images took 23 ms alone and 179 ms beside one busy Python thread. In a process of its own the
+forward pass never waits for the web process; batches cross a pipe (a batch of 16 images at 64 px
+is 64 KB).
+
+If the process dies (out of memory, a crash in a native library), the batch it held fails with
+``ModelProcessFailed`` (the API answers 503), and the next batch starts a fresh process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("maxmin_inspect")
+
+
+class ModelProcessFailed(RuntimeError):
+    """The model process could not answer; the message says why."""
+
+
+def _serve(conn: Connection, run_dir: str, names: list[str], device: str, threads: int) -> None:
+    """The child: load the models, then answer batches until the parent goes away."""
+    import torch
+
+    from app.core.inference import Classifier
+
+    torch.set_num_threads(threads)
+    try:
+        classifier = Classifier(Path(run_dir), names, device)
+    except Exception as exc:  # noqa: BLE001 - the parent reports it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", str(classifier.device)))
+    while True:
+        try:
+            arrays = conn.recv()
+        except (EOFError, OSError):  # the web process is gone
+            return
+        if arrays is None:
+            return
+        try:
+            conn.send(("ok", classifier.classify(arrays)))
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not end the process
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class ModelProcess:
+    """Runs ``Classifier.classify`` in a child process; same call, same answers."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        names: list[str],
+        device: str = "auto",
+        threads: int = 1,
+        start_timeout_s: float = 180.0,
+    ) -> None:
+        self._args = (str(Path(run_dir).resolve()), list(names), device, threads)
+        self._start_timeout = start_timeout_s
+        self._lock = threading.Lock()
+        self._proc: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self.device = self._start()
+
+    def _start(self) -> str:
+        ctx = mp.get_context("spawn")  # no fork of a process that holds threads and a CUDA context
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_serve, args=(child, *self._args), name="maxmin-models", daemon=True
+        )
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+        if not parent.poll(self._start_timeout):
+            self._stop(kill=True)
+            raise ModelProcessFailed(f"the model process did not start in {self._start_timeout} s")
+        try:
+            status, payload = parent.recv()
+        except (EOFError, OSError):
+            code = proc.exitcode
+            self._stop(kill=True)
+            raise ModelProcessFailed(f"the model process exited at start (code {code})") from None
+        if status != "ready":
+            self._stop(kill=True)
+            raise ModelProcessFailed(payload)
+        log.info("model process %s started on %s", proc.pid, payload)
+        return payload
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def classify(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+        """Per model: class probabilities (N x K) and the model's time per image in ms."""
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._stop(kill=True)
+                self.device = self._start()
+            conn, proc = self._conn, self._proc
+            try:
+                conn.send(np.ascontiguousarray(arrays))
+                while not conn.poll(0.5):
+                    if not proc.is_alive():
+                        raise EOFError
+                status, payload = conn.recv()
+            except (EOFError, OSError):
+                code = proc.exitcode
+                self._stop(kill=True)
+                raise ModelProcessFailed(
+                    f"the model process stopped (exit code {code}); a new one starts with the "
+                    "next request"
+                ) from None
+        if status != "ok":
+            raise ModelProcessFailed(payload)
+        return payload
+
+    def _stop(self, kill: bool = False, timeout: float = 10.0) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc, self._conn = None, None
+        if conn is not None:
+            if not kill:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+            conn.close()
+        if proc is not None:
+            deadline = time.monotonic() + (0 if kill else timeout)
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
