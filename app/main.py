@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.batch_wait_ms,
             settings.queue_max,
         )
+    # Everything loaded so far lives as long as the service: keep it out of the garbage
+    # collector's full passes, which otherwise walk every object of torch, SQLAlchemy and FastAPI
+    # (measured: about 190 ms per full pass on a 2-core CPU, stalling every request in flight).
+    gc.collect()
+    gc.freeze()
     yield
     if app.state.batcher is not None:
         app.state.batcher.close()

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,19 @@ def _wait(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     raise SystemExit(f"server at {url} did not start")
 
 
+def _tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def _measure(
     name: str,
     cmd: list[str],
@@ -57,63 +72,52 @@ def _measure(
     base = f"http://127.0.0.1:{port}"
     try:
         _wait(base + ready_path, proc)
-        load = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "load.py"),
-                f"{base}/predict",
-                str(args.images),
-                "--seconds",
-                str(args.seconds),
-                "--max-requests",
-                str(args.max_requests),
-                "--procs",
-                str(args.client_procs),
-                "--concurrency",
-                *map(str, args.concurrency),
-            ],
-            capture_output=True,
-            text=True,
-            env=load_env or env,
-            check=True,
-        )
-        rows = [json.loads(line) for line in load.stdout.splitlines() if line.startswith("{")]
-        for r in rows:
+        rows = []
+        for c in args.concurrency:
+            cpu0 = _tree_cpu(proc.pid)
+            load = subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "load.py"),
+                    f"{base}/predict",
+                    str(args.images),
+                    "--seconds",
+                    str(args.seconds),
+                    "--max-requests",
+                    str(args.max_requests),
+                    "--procs",
+                    str(args.client_procs),
+                    "--concurrency",
+                    str(c),
+                ],
+                capture_output=True,
+                text=True,
+                env=load_env or env,
+                check=True,
+            )
+            r = [json.loads(line) for line in load.stdout.splitlines() if line.startswith("{")][-1]
+            # CPU time of the server and its children (workers, model processes) per request.
+            r["server_cpu_ms_per_request"] = round(
+                (_tree_cpu(proc.pid) - cpu0) * 1000 / max(r["requests"], 1), 2
+            )
             print(
-                f"{name:>6} c={r['concurrency']:>3}: {r['requests_per_s']:>7} req/s "
-                f"p50 {r['p50_ms']} p99 {r['p99_ms']} errors {r['errors']}",
+                f"{name:>6} c={c:>3}: {r['requests_per_s']:>7} req/s "
+                f"p50 {r['p50_ms']} p99 {r['p99_ms']} errors {r['errors']} "
+                f"cpu {r['server_cpu_ms_per_request']} ms/req",
                 file=sys.stderr,
             )
+            rows.append(r)
         return rows
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("images", type=Path)
-    parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--max-requests", type=int, default=20000)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--workers", type=int, default=1, help="this service's uvicorn workers")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--client-procs", type=int, default=1, help="load generator processes")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    summary = {
-        "cpus": os.cpu_count(),
-        "device": args.device,
-        "seconds": args.seconds,
-        "workers": args.workers,
-    }
+def _one_run(args: argparse.Namespace, env: dict) -> dict:
+    """One side-by-side run: the plain endpoint, then this service, at every concurrency."""
+    sides: dict = {}
     port = _port()
-    summary["plain"] = _measure(
+    sides["plain"] = _measure(
         "plain",
         [
             sys.executable,
@@ -158,7 +162,7 @@ def main() -> None:
             check=True,
         )
         load_env = {**env, "MAXMIN_API_KEY": made.stdout.strip().splitlines()[-1]}
-        summary["service"] = _measure(
+        sides["service"] = _measure(
             "ours",
             [
                 sys.executable,
@@ -176,6 +180,56 @@ def main() -> None:
             "/readyz",
             load_env,
         )
+    return sides
+
+
+def _median_rows(runs: list[dict], side: str) -> list[dict]:
+    rows = []
+    for k, c in enumerate(runs[0][side]):
+        level = [run[side][k] for run in runs]
+        row = {"concurrency": c["concurrency"], "runs": len(level)}
+        for key in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "server_cpu_ms_per_request"):
+            row[key] = statistics.median(r[key] for r in level)
+        row["errors"] = sum(r["errors"] for r in level)
+        timing = [r["server_timing_median_ms"] for r in level if r["server_timing_median_ms"]]
+        if timing:
+            row["server_timing_median_ms"] = {
+                key: round(statistics.median(t[key] for t in timing), 3) for key in timing[0]
+            }
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("images", type=Path)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--max-requests", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--workers", type=int, default=1, help="this service's uvicorn workers")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--client-procs", type=int, default=1, help="load generator processes")
+    parser.add_argument("--repeats", type=int, default=1, help="runs; the summary takes medians")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    summary: dict = {
+        "cpus": os.cpu_count(),
+        "device": args.device,
+        "seconds": args.seconds,
+        "workers": args.workers,
+        "repeats": args.repeats,
+        "runs": [],
+    }
+    for k in range(args.repeats):
+        print(f"run {k + 1} of {args.repeats}", file=sys.stderr)
+        summary["runs"].append(_one_run(args, env))
+    summary["plain"] = _median_rows(summary["runs"], "plain")
+    summary["service"] = _median_rows(summary["runs"], "service")
     ratio = {}
     for p, s in zip(summary["plain"], summary["service"], strict=True):
         ratio[str(p["concurrency"])] = round(

@@ -111,3 +111,37 @@ def make_key(db_url: str, role: str = "admin", name: str | None = None) -> str:
     with command_session(db_url, migrate=False) as session:
         key, _ = create_key(session, role, name or f"test-{role}")
     return key
+
+
+def encoded(img, fmt: str, **kw) -> bytes:  # noqa: ANN001
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def malformed_corpus() -> list[tuple[str, bytes, set[int]]]:
+    """Images that are broken, odd or hostile: (name, bytes, the statuses allowed)."""
+    from PIL import Image, PngImagePlugin
+
+    rgb = Image.new("RGB", (40, 30), (120, 60, 30))
+    frames = [Image.new("P", (20, 20), i) for i in (1, 2)]
+    anim = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("comment", "x" * 150_000)
+    palette = Image.new("P", (20, 20), 3)
+    palette.info["transparency"] = 3
+    jpeg = encoded(rgb, "JPEG")
+    return [
+        ("animated gif", anim, {200}),
+        ("16-bit grey png", encoded(Image.new("I;16", (24, 24), 40000), "PNG"), {200}),
+        ("cmyk jpeg", encoded(Image.new("CMYK", (24, 24), (0, 80, 80, 0)), "JPEG"), {200}),
+        ("palette png with transparency", encoded(palette, "PNG"), {200}),
+        ("huge text metadata", encoded(Image.new("L", (16, 16)), "PNG", pnginfo=meta), {200}),
+        ("wrong magic bytes", b"\x00\x00\x00\x00" + jpeg[4:], {422}),
+        ("zero-size png", bomb_png(0, 0), {422}),
+        ("bomb png", bomb_png(60_000, 60_000), {413}),
+        ("bomb tiff header", b"II*\x00" + b"\x08\x00\x00\x00" + b"\x00" * 64, {422}),
+        ("jpeg cut in half", jpeg[: len(jpeg) // 2], {422}),
+    ]

@@ -20,6 +20,7 @@ from tests.service import (
     flat_png,
     jpeg_bytes,
     make_key,
+    malformed_corpus,
     png_bytes,
     postgres_database,
     train_small_run,
@@ -429,44 +430,11 @@ def test_json_log_lines_carry_the_request_id() -> None:
     assert line["request_id"] == "abc123" and line["message"] == "GET /x" and line["status"] == 200
 
 
-def _encoded(img, fmt: str, **kw) -> bytes:  # noqa: ANN001
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def _malformed_corpus() -> list[tuple[str, bytes, set[int]]]:
-    from PIL import Image, PngImagePlugin
-
-    rgb = Image.new("RGB", (40, 30), (120, 60, 30))
-    frames = [Image.new("P", (20, 20), i) for i in (1, 2)]
-    anim = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("comment", "x" * 150_000)
-    palette = Image.new("P", (20, 20), 3)
-    palette.info["transparency"] = 3
-    jpeg = _encoded(rgb, "JPEG")
-    return [
-        ("animated gif", anim, {200}),
-        ("16-bit grey png", _encoded(Image.new("I;16", (24, 24), 40000), "PNG"), {200}),
-        ("cmyk jpeg", _encoded(Image.new("CMYK", (24, 24), (0, 80, 80, 0)), "JPEG"), {200}),
-        ("palette png with transparency", _encoded(palette, "PNG"), {200}),
-        ("huge text metadata", _encoded(Image.new("L", (16, 16)), "PNG", pnginfo=meta), {200}),
-        ("wrong magic bytes", b"\x00\x00\x00\x00" + jpeg[4:], {422}),
-        ("zero-size png", bomb_png(0, 0), {422}),
-        ("bomb png", bomb_png(60_000, 60_000), {413}),
-        ("bomb tiff header", b"II*\x00" + b"\x08\x00\x00\x00" + b"\x00" * 64, {422}),
-        ("jpeg cut in half", jpeg[: len(jpeg) // 2], {422}),
-    ]
-
-
 @pytest.mark.parametrize("case", range(10))
 def test_malformed_image_corpus(client: TestClient, case: int) -> None:
     import time
 
-    name, data, allowed = _malformed_corpus()[case]
+    name, data, allowed = malformed_corpus()[case]
     start = time.monotonic()
     r = client.post("/predict", files=[("files", ("x.bin", data, "application/octet-stream"))])
     assert r.status_code in allowed, (name, r.status_code, r.text)

@@ -23,7 +23,15 @@ from sqlalchemy import create_engine, func, select
 
 from app.core.storage import ImageStore
 from app.tables import LabelEvent, ModelOutput, Prediction, StoredImage
-from tests.service import CLASSES, make_key, png_bytes, postgres_database, train_small_run
+from tests.service import (
+    CLASSES,
+    encoded,
+    make_key,
+    malformed_corpus,
+    png_bytes,
+    postgres_database,
+    train_small_run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 16
@@ -51,19 +59,21 @@ def _port() -> int:
 
 @contextmanager
 def server(
-    db_url: str, run_dir: Path, data_dir: Path, port: int
+    db_url: str, run_dir: Path, data_dir: Path, port: int, workers: int = 1
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """A running `maxmin-inspect serve`; yields an admin key for it."""
     from app.core.db import upgrade
 
     upgrade(db_url)
     key = make_key(db_url)
-    with _serve(db_url, run_dir, data_dir, port) as proc:
+    with _serve(db_url, run_dir, data_dir, port, workers) as proc:
         yield key, proc
 
 
 @contextmanager
-def _serve(db_url: str, run_dir: Path, data_dir: Path, port: int) -> Iterator[subprocess.Popen]:
+def _serve(
+    db_url: str, run_dir: Path, data_dir: Path, port: int, workers: int = 1
+) -> Iterator[subprocess.Popen]:
     env = {
         **os.environ,
         "DATABASE_URL": db_url,
@@ -72,13 +82,22 @@ def _serve(db_url: str, run_dir: Path, data_dir: Path, port: int) -> Iterator[su
         "MAXMIN_DEVICE": "cpu",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 60 * workers
     try:
         while True:
             try:
@@ -198,3 +217,69 @@ def test_sigkill_mid_load_then_restart(db_url: str, run_dir: Path, tmp_path: Pat
             timeout=30,
         )
         assert r.status_code == 200
+
+
+def _peak_rss_mb(pid: int) -> tuple[float, float]:
+    """(peak, current) resident memory of one process, in MB, from /proc."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_malformed_corpus_keeps_memory_bounded(run_dir: Path, tmp_path: Path) -> None:
+    """Five rounds of the malformed corpus, plus an image just under the pixel limit that
+    compresses to almost nothing: the web process's peak memory stays bounded and does not climb
+    round after round."""
+    from PIL import Image
+
+    url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
+    port = _port()
+    big = encoded(Image.new("L", (5000, 5000), 200), "PNG")  # 25 M pixels, about 25 KB
+    corpus = [*malformed_corpus(), ("5000x5000 flat png", big, {200})]
+    with server(url, run_dir, tmp_path / "var", port) as (key, proc):
+        base = f"http://127.0.0.1:{port}/predict"
+        httpx.post(base, headers={"X-API-Key": key}, files=[("files", ("w.png", png_bytes(1)))])
+        start_peak, _ = _peak_rss_mb(proc.pid)
+        current = []
+        for _ in range(5):
+            for name, data, allowed in corpus:
+                r = httpx.post(
+                    base, headers={"X-API-Key": key}, files=[("files", ("x", data))], timeout=30
+                )
+                assert r.status_code in allowed, (name, r.status_code, r.text)
+            current.append(_peak_rss_mb(proc.pid)[1])
+        peak, _ = _peak_rss_mb(proc.pid)
+    print(
+        f"peak RSS {start_peak:.0f} MB after warm-up, {peak:.0f} MB after 5 x {len(corpus)} "
+        f"images; RSS after each round {[round(c) for c in current]} MB"
+    )
+    # One 25 M-pixel grey decode is 25 MB (75 MB as RGB); two decode threads at once: 150 MB.
+    assert peak - start_peak < 400
+    assert current[-1] - current[1] < 60  # no climb once warm: nothing accumulates
+
+
+def test_metrics_sum_every_worker(run_dir: Path, tmp_path: Path) -> None:
+    """With two workers, each scrape of /metrics (served by either worker) counts every
+    prediction, whichever worker made it."""
+    url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
+    port = _port()
+    with server(url, run_dir, tmp_path / "var", port, workers=2) as (key, _):
+        base = f"http://127.0.0.1:{port}"
+        for i in range(12):  # a new connection each time: the kernel spreads them over workers
+            r = httpx.post(
+                f"{base}/predict",
+                headers={"X-API-Key": key},
+                files=[("files", (f"{i}.png", png_bytes(i)))],
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+        for _ in range(4):
+            text = httpx.get(f"{base}/metrics", headers={"X-API-Key": key}, timeout=10).text
+            counts = [
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("maxmin_predictions_total{") and 'model="baseline"' in line
+            ]
+            assert sum(counts) == 12, text

@@ -317,6 +317,14 @@ def _serve(args: argparse.Namespace) -> int:
     upgrade(settings.db_url)  # the explicit start-up migration; the app itself only checks
     _first_admin_key(settings)
     os.environ["WEB_CONCURRENCY"] = str(args.workers)
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its metrics here and /metrics sums them (prometheus_client's
+        # multiprocess mode); emptied at start, as counters start from zero with the service.
+        metrics_dir = settings.data_dir / "metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in metrics_dir.glob("*.db"):
+            stale.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     base = f"http://{args.host}:{args.port}"
     print(
         f"Inspector page: {base}/\nDashboard:      {base}/dashboard\nAPI docs:       {base}/docs",

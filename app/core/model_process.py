@@ -13,6 +13,7 @@ If the process dies (out of memory, a crash in a native library), the batch it h
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import threading
@@ -41,6 +42,8 @@ def _serve(conn: Connection, run_dir: str, names: list[str], device: str, thread
     except Exception as exc:  # noqa: BLE001 - the parent reports it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
+    gc.collect()
+    gc.freeze()  # the models and libraries stay: keep full collections from walking them
     conn.send(("ready", str(classifier.device)))
     while True:
         try:

@@ -1,8 +1,8 @@
 """Prometheus metrics and structured (JSON) logs carrying a request id.
 
-Metrics live in a registry per app, so several apps (tests, workers) never share counters. With
-several uvicorn workers each process serves its own counts; scrape each or run one worker per
-container.
+Metrics live in a registry per app, so several apps in one process (tests) never share counters.
+With several uvicorn workers, `maxmin-inspect serve` switches prometheus_client to its multiprocess
+mode (PROMETHEUS_MULTIPROC_DIR) and /metrics sums every worker's counts.
 """
 
 from __future__ import annotations
