@@ -20,7 +20,8 @@ log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 
 log "GPU tests"
 MAXMIN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_layers.py \
-    tests/test_models.py tests/test_batcher.py tests/test_api.py -k "not postgresql" 2>&1 \
+    tests/test_models.py tests/test_batcher.py tests/test_model_process.py tests/test_api.py \
+    -k "not postgresql" 2>&1 \
     | tail -4 | tee "$OUT/tests.txt"
 
 log "full NEU PoC on CUDA"
@@ -37,6 +38,6 @@ log "fused MaxMin benchmark (CUDA)"
 python3 bench/fused_bench.py --device cuda > "$OUT/fused.json" 2>&1
 
 log "training benchmark (CUDA)"
-timeout 170 python3 bench/train_bench.py "$NEU" --device cuda --epochs 2 --repeats 3 \
+timeout 240 python3 bench/train_bench.py "$NEU" --device cuda --epochs 5 --repeats 3 \
     --out "$OUT/train_bench.json" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
 log "done"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from functools import partial
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,3 +35,32 @@ def test_dockerfile_runs_as_non_root_with_the_tested_start_up() -> None:
     assert "training.cli" in (ROOT / "tests" / "test_browser.py").read_text()
     for path in ("models", "training", "app", "migrations", "pyproject.toml"):
         assert f"COPY {path}" in text
+
+
+def _compose() -> list[str] | None:
+    """The Compose command on this machine: the docker plugin, else the standalone tool."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_compose_config_validates() -> None:
+    """`docker compose config` accepts the file (needs no engine) and resolves both services."""
+    cmd = _compose()
+    if cmd is None:
+        if os.environ.get("MAXMIN_REQUIRE_COMPOSE") == "1":
+            pytest.fail("no Compose tool found but MAXMIN_REQUIRE_COMPOSE=1")
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    env = {**os.environ, "POSTGRES_PASSWORD": "test-only"}
+    run = partial(subprocess.run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    checked = run([*cmd, "-f", "docker-compose.yml", "config", "-q"])
+    assert checked.returncode == 0, checked.stderr
+    services = run([*cmd, "-f", "docker-compose.yml", "config", "--services"])
+    assert services.returncode == 0, services.stderr
+    assert set(services.stdout.split()) == {"app", "db"}
+    resolved = yaml.safe_load(run([*cmd, "-f", "docker-compose.yml", "config"]).stdout)
+    assert "test-only@db:5432" in resolved["services"]["app"]["environment"]["DATABASE_URL"]
