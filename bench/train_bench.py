@@ -105,6 +105,7 @@ def run_plain(args: argparse.Namespace) -> dict:
     total = time.perf_counter() - t_start - split_seconds
     return {
         "models": out,
+        "precision": "fp32",
         "total_seconds": total,
         "peak_rss_bytes": _peak_rss_bytes(),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
@@ -114,7 +115,7 @@ def run_plain(args: argparse.Namespace) -> dict:
 def run_ours(args: argparse.Namespace) -> dict:
     """This project's trainer: decode once, resident tensor, the engine's fit()."""
     from training.data import load_dataset
-    from training.engine import TrainConfig, fit
+    from training.engine import TrainConfig, fit, precision
 
     device = torch.device(args.device)
     t_start = time.perf_counter()
@@ -122,7 +123,11 @@ def run_ours(args: argparse.Namespace) -> dict:
     splits, mean, std = ds.resident(device)
     kwargs = {"num_classes": len(ds.classes), "in_channels": ds.channels, "image_size": args.size}
     cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, augment=("hflip",), device=str(device)
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        augment=("hflip",),
+        device=str(device),
+        amp=args.precision == "auto",
     )
     out = {}
     n_train = len(ds.indices("train"))
@@ -136,6 +141,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     total = time.perf_counter() - t_start
     return {
         "models": out,
+        "precision": precision(device, cfg.amp),
         "total_seconds": total,
         "peak_rss_bytes": _peak_rss_bytes(),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
@@ -151,6 +157,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32"],
+        default="auto",
+        help="this trainer's arithmetic, as `maxmin-inspect train --precision` (the plain loop "
+        "is always fp32)",
+    )
     parser.add_argument("--impl", choices=["plain", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON summary here")
     args = parser.parse_args()
@@ -173,6 +186,8 @@ def main() -> None:
         args.device,
         "--models",
         ",".join(args.models),
+        "--precision",
+        args.precision,
     ]
     for r in range(args.repeats):
         for impl in ("plain", "ours") if r % 2 == 0 else ("ours", "plain"):
@@ -225,6 +240,10 @@ def main() -> None:
     summary["end_to_end_speedup"] = round(
         summary["plain_total_seconds"] / summary["ours_total_seconds"], 2
     )
+    summary["ours_precision"] = runs["ours"][0]["precision"]
+    summary["per_repeat_seconds"] = {
+        impl: [round(x["total_seconds"], 2) for x in runs[impl]] for impl in runs
+    }
     text = json.dumps(summary, indent=1)
     print(text)
     if args.out:

@@ -14,7 +14,7 @@ from tests.conftest import write_folder
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.cli import main
 from training.data import load_dataset
-from training.engine import TrainConfig, fit
+from training.engine import TrainConfig, bf16_native, fit, precision
 
 FAST = [
     "--size",
@@ -213,3 +213,17 @@ def test_class_weights_balance_rare_classes() -> None:
     totals = torch.bincount(labels, minlength=3).float() * w
     assert torch.allclose(totals, totals[0].expand(3))
     assert w[2] > w[1] > w[0] and abs(float((w * torch.bincount(labels)).sum()) - 100) < 1e-4
+
+
+def test_precision_follows_the_hardware_and_the_option(
+    run_dir: Path, small_folder: Path, tmp_path: Path
+) -> None:
+    r = json.loads((run_dir / "report.json").read_text())
+    # auto: bf16 autocast only where this machine computes in bf16 natively
+    assert r["run"]["precision"] == precision(torch.device("cpu"), True)
+    assert r["run"]["precision"] == ("bf16 autocast" if bf16_native("cpu") else "fp32")
+    assert precision(torch.device("cpu"), False) == "fp32"
+    out = tmp_path / "fp32"
+    args = ["train", str(small_folder), "--out", str(out), *FAST]
+    assert main([*args, "--models", "baseline", "--seeds", "1", "--precision", "fp32"]) == 0
+    assert json.loads((out / "report.json").read_text())["run"]["precision"] == "fp32"

@@ -80,6 +80,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default: 32)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 0.001)")
     t.add_argument(
+        "--precision",
+        choices=("auto", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast where the GPU or CPU computes in bf16 natively, fp32 elsewhere; "
+        "test accuracy is always scored in fp32, as the service runs the models",
+    )
+    t.add_argument(
         "--augment",
         default="shift,hflip",
         help="comma-separated from shift, hflip, vflip, or 'none' (default: shift,hflip; "
@@ -225,7 +232,11 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
         cache_dir=None if args.no_cache else str(args.cache_dir),
         train=TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=augment
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            augment=augment,
+            amp=args.precision == "auto",
         ),
         latency_budget_s=args.latency_seconds,
         progress=not args.quiet,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from models import create_model, list_models
 from training.checkpoint import save_checkpoint
 from training.data import Dataset, load_dataset
-from training.engine import RunResult, TrainConfig, fit, resolve_device
+from training.engine import RunResult, TrainConfig, fit, precision, resolve_device
 from training.measure import count_flops, count_params, measure_latency
 from training.report import write_html
 from training.stats import mcnemar, mean_std, paired_difference_ci
@@ -116,6 +116,7 @@ def run_poc(cfg: PocConfig) -> Path:
                 "train": {**asdict(cfg.train), "augment": list(cfg.train.augment)},
             },
             "device": str(device),
+            "precision": precision(device, cfg.train.amp),
             "device_name": torch.cuda.get_device_name(device)
             if device.type == "cuda"
             else platform.processor() or platform.machine(),
