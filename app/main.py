@@ -68,7 +68,11 @@ def load_models(app: FastAPI) -> None:
         app.state.runner = app.state.classifier
         if settings.model_process:
             app.state.runner = ModelProcess(
-                run_dir, settings.ab_models, settings.device, settings.threads
+                run_dir,
+                settings.ab_models,
+                settings.device,
+                settings.threads,
+                batch_timeout_s=settings.model_timeout_seconds,
             )
     except (ModelsUnavailable, ModelProcessFailed, CheckpointError, ValueError, OSError) as exc:
         app.state.classifier = None

@@ -87,3 +87,20 @@ def test_death_in_flight_fails_that_batch_and_the_next_one_restarts(run_dir: Pat
         assert proc.pid not in (None, victim)
     finally:
         proc.close()
+
+
+def test_a_batch_that_takes_too_long_is_abandoned_not_waited_for(run_dir: Path) -> None:
+    proc = ModelProcess(run_dir, ["baseline", "maxmin"], "cpu", threads=1, batch_timeout_s=0.5)
+    try:
+        local = Classifier(run_dir, ["baseline"], "cpu")
+        one = local.decode(png_bytes(2), 10**7).array[None]
+        slow = np.repeat(one, 50_000, axis=0)  # seconds of work: far over the limit
+        stuck = proc.pid
+        start = time.monotonic()
+        with pytest.raises(ModelProcessFailed, match="did not answer within 0.5 s"):
+            proc.classify(slow)
+        assert time.monotonic() - start < 5
+        assert proc.classify(one)["maxmin"][0].shape[0] == 1  # a fresh process answers
+        assert proc.pid not in (None, stuck)
+    finally:
+        proc.close()

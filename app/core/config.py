@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto: CUDA when present, the CPU otherwise
     torch_threads: int = 0  # 0: see Settings.threads
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
+    model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
     max_files: int = 32  # images per /predict request
     max_file_bytes: int = 20 * 1024 * 1024  # bytes per image
     max_body_bytes: int = 64 * 1024 * 1024  # bytes per request

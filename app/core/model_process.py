@@ -68,9 +68,11 @@ class ModelProcess:
         device: str = "auto",
         threads: int = 1,
         start_timeout_s: float = 180.0,
+        batch_timeout_s: float = 60.0,
     ) -> None:
         self._args = (str(Path(run_dir).resolve()), list(names), device, threads)
         self._start_timeout = start_timeout_s
+        self._batch_timeout = batch_timeout_s
         self._lock = threading.Lock()
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -111,11 +113,18 @@ class ModelProcess:
                 self._stop(kill=True)
                 self.device = self._start()
             conn, proc = self._conn, self._proc
+            deadline = time.monotonic() + self._batch_timeout
             try:
                 conn.send(np.ascontiguousarray(arrays))
                 while not conn.poll(0.5):
                     if not proc.is_alive():
                         raise EOFError
+                    if time.monotonic() > deadline:  # hung: never let a request wait forever
+                        self._stop(kill=True)
+                        raise ModelProcessFailed(
+                            f"the model process did not answer within {self._batch_timeout:g} s; "
+                            "it was stopped and a new one starts with the next request"
+                        )
                 status, payload = conn.recv()
             except (EOFError, OSError):
                 code = proc.exitcode
