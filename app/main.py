@@ -103,7 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
     # Everything loaded so far lives as long as the service: keep it out of the garbage
     # collector's full passes, which otherwise walk every object of torch, SQLAlchemy and FastAPI
-    # (measured: about 190 ms per full pass on a 2-core CPU, stalling every request in flight).
+    # (bench/gc_bench.py: about 190 ms per full pass on a 2-core CPU, stalling every request).
     gc.collect()
     gc.freeze()
     yield

@@ -2,8 +2,9 @@
 
 PyTorch lets go of the GIL inside each operation but takes it back between operations, so a model
 called from a thread of the web process waits for the GIL after every layer while the event loop
-parses requests and the writer talks to the database. Measured on a 2-core CPU: one MaxMin pass over
-16 images took 23 ms alone and 179 ms beside one busy Python thread. In a process of its own the
+parses requests and the writer talks to the database. Measured on a 2-core CPU (bench/gil_bench.py):
+both models on 16 images took 34-35 ms alone, 293-311 ms beside one busy Python thread, and
+41-48 ms through this process beside the same thread (two runs). In a process of its own the
 forward pass never waits for the web process; batches cross a pipe (a batch of 16 images at 64 px
 is 64 KB).
 
