@@ -1,10 +1,12 @@
 """Micro-batching: concurrent requests share one pass through the A/B models.
 
-One worker thread owns the models. It takes the first waiting image, gathers whatever else arrives
-within ``max_wait_ms`` (up to ``max_batch`` images), runs both models once on the batch, and hands
-each request its rows. Small CNNs are bound by per-call overhead, so one batch of 32 costs far less
-than 32 single calls; and with one thread calling torch there is no oversubscription of cores. The
-queue is bounded: when it is full, new work is refused at once (503) instead of piling up.
+One worker thread feeds the models (in the service, through ``ModelProcess``, which runs them in a
+process of their own; anything with the same ``classify`` works). It takes the first waiting image,
+gathers whatever else arrives within ``max_wait_ms`` (up to ``max_batch`` images), runs both models
+once on the batch, and hands each request its rows. Small CNNs are bound by per-call overhead, so
+one batch of 32 costs far less than 32 single calls; and with one caller of torch there is no
+oversubscription of cores. The queue is bounded: when it is full, new work is refused at once (503)
+instead of piling up.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.core.inference import Classifier
+from app.core.model_process import ModelProcess
 
 
 class Overloaded(RuntimeError):
@@ -46,7 +49,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        classifier: Classifier,
+        classifier: Classifier | ModelProcess,
         max_batch: int = 64,
         max_wait_ms: float = 2.0,
         max_queue: int = 512,
