@@ -227,3 +227,75 @@ def test_precision_follows_the_hardware_and_the_option(
     args = ["train", str(small_folder), "--out", str(out), *FAST]
     assert main([*args, "--models", "baseline", "--seeds", "1", "--precision", "fp32"]) == 0
     assert json.loads((out / "report.json").read_text())["run"]["precision"] == "fp32"
+
+
+def _plain_loop(arch, kwargs, splits, mean, std, seed, cfg, device):  # noqa: ANN001, ANN202
+    """The textbook loop the engine must match: PyTorch's AdamW and one-cycle scheduler stepped
+    per batch, augmentation drawn per batch. Returns each epoch's mean loss and weights."""
+    from models import create_model
+    from training.engine import augment, class_weights, normalize
+
+    torch.manual_seed(seed)
+    model = create_model(arch, **kwargs).to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(seed)
+    (x_all, y_all), n = splits["train"], len(splits["train"][0])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = sum(1 for s in range(0, n, cfg.batch_size) if n - s >= 2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps + 1, pct_start=0.15, cycle_momentum=False
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(y_all.cpu(), 3).to(device))
+    losses, states = [], []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        total = 0.0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            x = augment(normalize(x_all[idx], mean, std), cfg.augment, gen)
+            loss = loss_fn(model(x), y_all[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / n)
+        states.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    return losses, states
+
+
+def test_training_step_matches_a_plain_loop(
+    small_folder: Path, device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's step (on CUDA a captured graph replayed per batch, eagerly elsewhere) trains
+    as the textbook loop does: same losses each epoch, same weights at the kept epoch."""
+    from training.engine import TrainStep
+
+    monkeypatch.setattr(TrainStep, "WARMUP", 1)  # capture both batch sizes (8 and 5) early
+    ds = load_dataset(small_folder, size=16, progress=False)
+    splits, mean, std = ds.resident(device)
+    assert len(splits["train"][0]) % 8 >= 2  # a short last batch, so two graphs
+    kwargs = {"num_classes": 3, "in_channels": ds.channels, "image_size": 16}
+    cfg = TrainConfig(epochs=4, batch_size=8, device=str(device), amp=False, lr=3e-3)
+    res = fit("maxmin", kwargs, splits, mean, std, 7, cfg)
+    assert res.extra["training_step"] == ("CUDA graph" if device.type == "cuda" else "eager")
+    assert res.extra["step_fallback"] is None
+    losses, states = _plain_loop("maxmin", kwargs, splits, mean, std, 7, cfg, device)
+    # cuDNN kernels are not bitwise deterministic: CUDA gets a tolerance, the CPU next to none.
+    tol = {"rtol": 1e-3, "atol": 1e-3} if device.type == "cuda" else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(torch.tensor(res.train_loss), torch.tensor(losses), **tol)
+    assert res.train_loss[-1] < res.train_loss[0]  # it learned, so the comparison means something
+    kept = states[res.best_epoch - 1]
+    for name, value in res.state_dict.items():
+        torch.testing.assert_close(value, kept[name], **tol)
+
+
+def test_cuda_graphs_can_be_switched_off(small_folder: Path, device: torch.device) -> None:
+    ds = load_dataset(small_folder, size=16, progress=False)
+    splits, mean, std = ds.resident(device)
+    kwargs = {"num_classes": 3, "in_channels": ds.channels, "image_size": 16}
+    cfg = TrainConfig(epochs=1, batch_size=8, device=str(device), cuda_graphs=False)
+    assert fit("baseline", kwargs, splits, mean, std, 0, cfg).extra["training_step"] == "eager"

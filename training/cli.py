@@ -87,6 +87,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "test accuracy is always scored in fp32, as the service runs the models",
     )
     t.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on CUDA, run each training step eagerly instead of replaying a captured CUDA graph "
+        "(for comparison or debugging; the results should agree)",
+    )
+    t.add_argument(
         "--augment",
         default="shift,hflip",
         help="comma-separated from shift, hflip, vflip, or 'none' (default: shift,hflip; "
@@ -237,6 +243,7 @@ def _train(args: argparse.Namespace) -> int:
             lr=args.lr,
             augment=augment,
             amp=args.precision == "auto",
+            cuda_graphs=not args.no_cuda_graphs,
         ),
         latency_budget_s=args.latency_seconds,
         progress=not args.quiet,

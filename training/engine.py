@@ -11,6 +11,7 @@ import functools
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ class TrainConfig:
     augment: tuple[str, ...] = ("shift", "hflip")  # label-preserving for most part images
     device: str = "cpu"
     amp: bool = True  # bf16 autocast where the hardware computes in bf16 (see bf16_native)
+    cuda_graphs: bool = True  # on CUDA, replay each training step as a captured graph
 
 
 @dataclass
@@ -68,28 +70,6 @@ def resolve_device(name: str) -> torch.device:
 def normalize(batch_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW -> float, scaled to [0, 1] and standardised with the training statistics."""
     return (batch_u8.float().div_(255.0) - mean) / std
-
-
-def augment(x: torch.Tensor, kinds: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
-    """Batched random shift (reflect-padded, up to 1/8 of the side) and flips, on x's device."""
-    n, _, h, w = x.shape
-    if "shift" in kinds:
-        pad = max(1, h // 8)
-        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-        ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        batch = torch.arange(n, device=x.device)[:, None, None, None]
-        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-        x = padded[batch, chans, rows, cols]
-    if "hflip" in kinds:
-        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(flip, x.flip(3), x)
-    if "vflip" in kinds:
-        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(flip, x.flip(2), x)
-    return x
 
 
 class PeakMemory:
@@ -163,38 +143,201 @@ def _autocast(device: torch.device, amp: bool):  # noqa: ANN202
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    loss_fn: nn.Module,
-    cfg: TrainConfig,
-    gen: torch.Generator,
-) -> float:
-    """One pass over the training images in a seeded order; returns the mean training loss."""
-    model.train()
-    device = images.device
-    order = torch.randperm(len(images), generator=gen).to(device)
-    total, seen = torch.zeros((), device=device), 0
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        if len(idx) < 2:  # a single-image batch adds noise and nothing else
+def augment_params(n: int, side: int, kinds: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
+    """The random draws for one batch's augmentation, as a 4 x n int64 tensor on the CPU: shift
+    rows, shift columns, horizontal flip, vertical flip (0 where that kind is off). Drawn from
+    ``gen`` in a fixed order, so every model trained with the same seed gets the same batches."""
+    params = torch.zeros(4, n, dtype=torch.int64)
+    if "shift" in kinds:
+        pad = max(1, side // 8)
+        params[0] = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        params[1] = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    if "hflip" in kinds:
+        params[2] = torch.rand(n, generator=gen) < 0.5
+    if "vflip" in kinds:
+        params[3] = torch.rand(n, generator=gen) < 0.5
+    return params
+
+
+def apply_augment(x: torch.Tensor, params: torch.Tensor, kinds: tuple[str, ...]) -> torch.Tensor:
+    """Batched random shift (reflect-padded, up to 1/8 of the side) and flips, drawn beforehand
+    by :func:`augment_params` (on x's device). No host synchronisation, so a CUDA graph can
+    hold it."""
+    n, c, h, w = x.shape
+    if "shift" in kinds:
+        pad = max(1, h // 8)
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        rows = (params[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (params[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chans = torch.arange(c, device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    if "hflip" in kinds:
+        x = torch.where(params[2].bool()[:, None, None, None], x.flip(3), x)
+    if "vflip" in kinds:
+        x = torch.where(params[3].bool()[:, None, None, None], x.flip(2), x)
+    return x
+
+
+def augment(x: torch.Tensor, kinds: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
+    """Draw and apply one batch's augmentation."""
+    return apply_augment(x, augment_params(len(x), x.shape[2], kinds, gen).to(x.device), kinds)
+
+
+def epoch_plan(
+    n: int, batch_size: int, side: int, kinds: tuple[str, ...], gen: torch.Generator
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """One epoch's batches: a 5 x m int64 tensor (image index, then the four augmentation draws,
+    per column, in training order) and each batch's (start column, size). A last batch of one
+    image is dropped: it adds noise and nothing else."""
+    order = torch.randperm(n, generator=gen)
+    columns, batches, at = [], [], 0
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2:
             continue
-        x = augment(normalize(images[idx], mean, std), cfg.augment, gen)
-        y = labels[idx]
-        with _autocast(device, cfg.amp):
-            loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
+        columns.append(torch.cat((idx[None], augment_params(len(idx), side, kinds, gen))))
+        batches.append((at, len(idx)))
+        at += len(idx)
+    plan = torch.cat(columns, dim=1) if columns else torch.zeros(5, 0, dtype=torch.int64)
+    return plan, batches
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return sum(1 for start in range(0, n, batch_size) if n - start >= 2)
+
+
+def one_cycle_lrs(cfg: TrainConfig, total_steps: int) -> list[float]:
+    """The learning rate of each optimizer step: PyTorch's one-cycle schedule (warm-up over the
+    first 15% of steps to ``cfg.lr``, then cosine annealing), read off a throwaway optimizer so
+    the values can be fed to either step. Adam's beta1 stays fixed (no momentum cycling): a
+    captured step cannot take a new beta1 each step."""
+    probe = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        probe, max_lr=cfg.lr, total_steps=total_steps + 1, pct_start=0.15, cycle_momentum=False
+    )
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(float(probe.param_groups[0]["lr"]))
+        probe.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
+        sched.step()
+    return lrs
+
+
+class TrainStep:
+    """One optimizer step per batch: slice, normalise, augment, forward, loss, backward, AdamW.
+
+    On CUDA (``cfg.cuda_graphs``) each batch size's whole step is captured once as a CUDA graph
+    and replayed: the small CNNs here are bound by kernel launches, not arithmetic, and a replay
+    is one launch instead of a few hundred. Before capture, a few real steps run eagerly on a
+    side stream (cuDNN's autotuning and AdamW's state need them, as PyTorch's whole-network
+    capture recipe says). Capture failing for any reason falls back to eager steps, with a
+    warning, and ``self.mode`` says which ran. The captured and eager steps compute the same thing
+    (tests/test_train.py compares them with a plain loop).
+    """
+
+    WARMUP = 3  # eager steps per batch size before capture
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        loss_fn: nn.Module,
+        cfg: TrainConfig,
+    ) -> None:
+        self.model, self.images, self.labels = model, images, labels
+        self.mean, self.std, self.loss_fn, self.cfg = mean, std, loss_fn, cfg
+        self.device = images.device
+        self.graphs_wanted = cfg.cuda_graphs and self.device.type == "cuda"
+        self.mode = "CUDA graph" if self.graphs_wanted else "eager"
+        self.fallback: str | None = None
+        if self.graphs_wanted:
+            # A device tensor learning rate is read by the captured step at each replay.
+            self.lr = torch.tensor(cfg.lr, dtype=torch.float32, device=self.device)
+            self.optimizer = torch.optim.AdamW(
+                model.parameters(), lr=self.lr, weight_decay=cfg.weight_decay, capturable=True
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(
+                model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+            )
+        self.total = torch.zeros((), device=self.device)  # summed loss x batch size, this epoch
+        self.seen = 0
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._eager_runs: dict[int, int] = {}
+
+    def _compute(self, plan: torch.Tensor) -> None:
+        idx = plan[0]
+        x = apply_augment(
+            normalize(self.images[idx], self.mean, self.std), plan[1:], self.cfg.augment
+        )
+        enabled = self.cfg.amp and bf16_native(self.device.type)
+        # The autocast weight cache must stay off under capture (PyTorch's CUDA-graph notes).
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=enabled, cache_enabled=False):
+            loss = self.loss_fn(self.model(x), self.labels[idx])
         loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total += loss.detach().float() * len(idx)
-        seen += len(idx)
-    return float(total) / max(seen, 1)
+        self.optimizer.step()
+        self.total += loss.detach().float() * plan.shape[1]
+
+    def set_lr(self, lr: float) -> None:
+        if self.graphs_wanted:
+            self.lr.fill_(lr)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    def __call__(self, batch: torch.Tensor) -> None:
+        """One step on ``batch``, a 5 x b plan slice on the device."""
+        size = batch.shape[1]
+        self.seen += size
+        if not self.graphs_wanted or self.fallback is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._compute(batch)
+            return
+        graph = self._graphs.get(size)
+        buf = self._buffers.get(size)
+        if buf is None:
+            buf = self._buffers[size] = torch.empty_like(batch)
+        buf.copy_(batch)
+        if graph is not None:
+            graph.replay()
+            return
+        runs = self._eager_runs.get(size, 0)
+        if runs < self.WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._compute(buf)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._eager_runs[size] = runs + 1
+            return
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates .grad itself
+        try:
+            with torch.cuda.graph(graph):
+                self._compute(buf)
+        except RuntimeError as exc:  # capture unsupported here: train on, eagerly
+            torch.cuda.synchronize(self.device)
+            self.fallback = f"CUDA graph capture failed, trained eagerly: {exc}"
+            self.mode = "eager"
+            warnings.warn(self.fallback, RuntimeWarning, stacklevel=2)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._compute(batch)
+            return
+        self._graphs[size] = graph
+        graph.replay()  # capture records the step without running it
+
+    def epoch_loss(self) -> float:
+        """The mean training loss since the last call (one host synchronisation)."""
+        loss = float(self.total) / max(self.seen, 1)
+        self.total.zero_()
+        self.seen = 0
+        return loss
 
 
 @torch.inference_mode()
@@ -241,11 +384,8 @@ def fit(
     test_x, _ = data["test"]
     num_classes = model_kwargs["num_classes"]
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(train_y.cpu(), num_classes).to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, sum(1 for s in range(0, len(train_x), cfg.batch_size)))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch + 1, pct_start=0.15
-    )
+    step = TrainStep(model, train_x, train_y, mean, std, loss_fn, cfg)
+    lrs = one_cycle_lrs(cfg, cfg.epochs * steps_per_epoch(len(train_x), cfg.batch_size))
     train_loss: list[float] = []
     val_acc: list[float] = []
     best_acc, best_epoch, best_state = -1.0, 0, None
@@ -253,10 +393,18 @@ def fit(
     val_labels = val_y.cpu()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
+        k = 0
         for epoch in range(cfg.epochs):
-            loss = train_one_epoch(
-                model, optimizer, scheduler, train_x, train_y, mean, std, loss_fn, cfg, gen
+            model.train()
+            plan, batches = epoch_plan(
+                len(train_x), cfg.batch_size, train_x.shape[2], cfg.augment, gen
             )
+            plan = plan.to(device)
+            for at, size in batches:
+                step.set_lr(lrs[k])
+                step(plan[:, at : at + size])
+                k += 1
+            loss = step.epoch_loss()
             acc = float(
                 (evaluate(model, val_x, mean, std, amp=cfg.amp).argmax(1) == val_labels)
                 .float()
@@ -309,5 +457,9 @@ def fit(
         train_seconds=seconds,
         peak_memory_bytes=mem.peak,
         diverged=diverged,
-        extra={"memory_method": mem.method},
+        extra={
+            "memory_method": mem.method,
+            "training_step": step.mode,
+            "step_fallback": step.fallback,
+        },
     )

@@ -117,6 +117,12 @@ def run_poc(cfg: PocConfig) -> Path:
             },
             "device": str(device),
             "precision": precision(device, cfg.train.amp),
+            "training_step": sorted(
+                {r.extra.get("training_step", "eager") for rs in results.values() for r in rs}
+            ),
+            "training_step_fallbacks": sorted(
+                {r.extra.get("step_fallback") for rs in results.values() for r in rs} - {None}
+            ),
             "device_name": torch.cuda.get_device_name(device)
             if device.type == "cuda"
             else platform.processor() or platform.machine(),
