@@ -20,18 +20,27 @@ log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 
 log "GPU tests"
 MAXMIN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_layers.py \
-    tests/test_models.py tests/test_batcher.py tests/test_model_process.py tests/test_api.py \
-    -k "not postgresql" 2>&1 \
+    tests/test_models.py tests/test_train.py tests/test_batcher.py tests/test_model_process.py \
+    tests/test_api.py -k "not postgresql" 2>&1 \
     | tail -4 | tee "$OUT/tests.txt"
 
-log "full NEU PoC on CUDA"
-python3 -m training.cli train "$NEU" --device cuda --out /tmp/neu-gpu --cache-dir /tmp/cache \
+log "full NEU PoC on CUDA (CUDA-graph steps; decoding included, no cache)"
+t0=$(date +%s%N)
+python3 -m training.cli train "$NEU" --device cuda --out /tmp/neu-gpu --no-cache \
     --no-register --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
+echo "process wall: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$OUT/log.txt"
 cp /tmp/neu-gpu/report.json "$OUT/neu-gpu-report.json"
+python3 -c "import json; r=json.load(open('/tmp/neu-gpu/report.json'))['run']; \
+print('report wall', r['wall_seconds'], 'step', r['training_step'], r['training_step_fallbacks'])" \
+    | tee -a "$OUT/log.txt"
 
 log "serving benchmark (CUDA)"
 timeout 200 python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda --workers 4 \
     --client-procs 4 --seconds 8 --concurrency 1 8 32 64 128 --out "$OUT/serve.json" 2>&1 \
+    | grep "c=" | tee -a "$OUT/log.txt"
+log "serving benchmark (CUDA), 8 workers at 64"
+timeout 120 python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda --workers 8 \
+    --client-procs 4 --seconds 8 --concurrency 64 --out "$OUT/serve-8w.json" 2>&1 \
     | grep "c=" | tee -a "$OUT/log.txt"
 
 log "fused MaxMin benchmark (CUDA)"
@@ -39,5 +48,11 @@ python3 bench/fused_bench.py --device cuda > "$OUT/fused.json" 2>&1
 
 log "training benchmark (CUDA)"
 timeout 240 python3 bench/train_bench.py "$NEU" --device cuda --epochs 5 --repeats 3 \
-    --out "$OUT/train_bench.json" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+    --sides plain,ours,ours-eager --out "$OUT/train_bench.json" 2>&1 | tail -3 \
+    | tee -a "$OUT/log.txt"
+
+log "full NEU PoC on CUDA, eager steps (--no-cuda-graphs), for comparison"
+timeout 100 python3 -m training.cli train "$NEU" --device cuda --out /tmp/neu-gpu-eager \
+    --no-cache --no-cuda-graphs --no-register --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
+cp /tmp/neu-gpu-eager/report.json "$OUT/neu-gpu-eager-report.json" 2>/dev/null
 log "done"

@@ -2,7 +2,9 @@
 
 The plain way: torchvision ImageFolder + DataLoader (default settings) decoding every image each
 epoch, an eager fp32 loop, default torch threads. This trainer: decode once into one uint8 tensor,
-batches sliced from it on the device, channels_last on the CPU, bf16 autocast on CUDA.
+batches sliced from it on the device, channels_last on the CPU, bf16 autocast where the hardware
+computes in bf16, and on CUDA each training step replayed as one captured CUDA graph (the side
+``ours-eager`` is the same trainer with eager steps, to show what the graphs bring).
 
 Both train every model for the same epochs and batch size on the same training images, evaluating
 the same validation images after each epoch; each repeat runs each side in a fresh process (so peak
@@ -11,6 +13,7 @@ run's wall time (decoding included), peak memory, and the final validation accur
 is never bought with accuracy. Medians over repeats.
 
 Usage: python bench/train_bench.py DATA [--size 64] [--epochs 3] [--repeats 3] [--device cpu]
+       [--sides plain,ours,ours-eager]
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def run_plain(args: argparse.Namespace) -> dict:
     }
 
 
-def run_ours(args: argparse.Namespace) -> dict:
+def run_ours(args: argparse.Namespace, cuda_graphs: bool = True) -> dict:
     """This project's trainer: decode once, resident tensor, the engine's fit()."""
     from training.data import load_dataset
     from training.engine import TrainConfig, fit, precision
@@ -128,8 +131,10 @@ def run_ours(args: argparse.Namespace) -> dict:
         augment=("hflip",),
         device=str(device),
         amp=args.precision == "auto",
+        cuda_graphs=cuda_graphs,
     )
     out = {}
+    steps = set()
     n_train = len(ds.indices("train"))
     for arch in args.models:
         res = fit(arch, kwargs, splits, mean, std, 0, cfg)
@@ -138,10 +143,12 @@ def run_ours(args: argparse.Namespace) -> dict:
             "images_per_s": n_train * args.epochs / res.train_seconds,
             "val_accuracy": res.val_accuracy[-1],
         }
+        steps.add(res.extra["training_step"])
     total = time.perf_counter() - t_start
     return {
         "models": out,
         "precision": precision(device, cfg.amp),
+        "training_step": sorted(steps),
         "total_seconds": total,
         "peak_rss_bytes": _peak_rss_bytes(),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
@@ -164,14 +171,23 @@ def main() -> None:
         help="this trainer's arithmetic, as `maxmin-inspect train --precision` (the plain loop "
         "is always fp32)",
     )
-    parser.add_argument("--impl", choices=["plain", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sides",
+        default="plain,ours",
+        help="what to compare: plain, ours, and on CUDA ours-eager (this trainer without CUDA "
+        "graphs, to show what the graphs bring)",
+    )
+    parser.add_argument("--impl", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON summary here")
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     if args.impl:  # a child process: one side, one repeat
-        print(json.dumps((run_plain if args.impl == "plain" else run_ours)(args)))
+        print(json.dumps(SIDES[args.impl](args)))
         return
-    runs: dict[str, list[dict]] = {"plain": [], "ours": []}
+    sides = [s for s in args.sides.split(",") if s]
+    if not {"plain", "ours"} <= set(sides) or not set(sides) <= set(SIDES):
+        sys.exit(f"--sides must include plain and ours, from {', '.join(SIDES)}")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     base = [
         sys.executable,
         __file__,
@@ -190,7 +206,7 @@ def main() -> None:
         args.precision,
     ]
     for r in range(args.repeats):
-        for impl in ("plain", "ours") if r % 2 == 0 else ("ours", "plain"):
+        for impl in sides if r % 2 == 0 else sides[::-1]:
             proc = subprocess.run(
                 [*base, "--impl", impl],
                 capture_output=True,
@@ -219,7 +235,7 @@ def main() -> None:
     }
     for arch in args.models:
         row = {}
-        for impl in ("plain", "ours"):
+        for impl in sides:
             row[f"{impl}_images_per_s"] = round(
                 med([x["models"][arch]["images_per_s"] for x in runs[impl]]), 1
             )
@@ -227,8 +243,12 @@ def main() -> None:
                 med([x["models"][arch]["val_accuracy"] for x in runs[impl]]), 4
             )
         row["speedup"] = round(row["ours_images_per_s"] / row["plain_images_per_s"], 2)
+        if "ours-eager" in sides:
+            row["cuda_graph_speedup"] = round(
+                row["ours_images_per_s"] / row["ours-eager_images_per_s"], 2
+            )
         summary["models"][arch] = row
-    for impl in ("plain", "ours"):
+    for impl in sides:
         summary[f"{impl}_total_seconds"] = round(med([x["total_seconds"] for x in runs[impl]]), 2)
         summary[f"{impl}_peak_rss_mb"] = round(
             med([x["peak_rss_bytes"] for x in runs[impl]]) / 1e6, 1
@@ -241,6 +261,7 @@ def main() -> None:
         summary["plain_total_seconds"] / summary["ours_total_seconds"], 2
     )
     summary["ours_precision"] = runs["ours"][0]["precision"]
+    summary["ours_training_step"] = runs["ours"][0]["training_step"]
     summary["per_repeat_seconds"] = {
         impl: [round(x["total_seconds"], 2) for x in runs[impl]] for impl in runs
     }
@@ -249,6 +270,12 @@ def main() -> None:
     if args.out:
         args.out.write_text(text)
 
+
+SIDES = {
+    "plain": run_plain,
+    "ours": run_ours,
+    "ours-eager": lambda args: run_ours(args, cuda_graphs=False),
+}
 
 if __name__ == "__main__":
     main()
