@@ -55,4 +55,32 @@ log "full NEU PoC on CUDA, eager steps (--no-cuda-graphs), for comparison"
 timeout 100 python3 -m training.cli train "$NEU" --device cuda --out /tmp/neu-gpu-eager \
     --no-cache --no-cuda-graphs --no-register --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
 cp /tmp/neu-gpu-eager/report.json "$OUT/neu-gpu-eager-report.json" 2>/dev/null
+log "summary against the GPU targets"
+python3 - "$OUT" <<'PY' 2>&1 | tee -a "$OUT/log.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    try:
+        return json.loads((out / name).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"{name}: missing ({exc})")
+for name in ("neu-gpu-report.json", "neu-gpu-eager-report.json"):
+    r = load(name)
+    if r:
+        run = r["run"]
+        accs = {m: round(100 * v["accuracy"]["mean"], 1) for m, v in r["models"].items()}
+        print(f"{name}: wall {run['wall_seconds']} s (target <= 60), step {run['training_step']}, "
+              f"fallbacks {run['training_step_fallbacks']}, accuracy {accs}")
+t = load("train_bench.json")
+if t:
+    print(f"train bench: end to end {t['end_to_end_speedup']}x (target >= 5), per model "
+          + ", ".join(f"{m} {v['speedup']}x" for m, v in t["models"].items()))
+for name in ("serve.json", "serve-8w.json"):
+    s = load(name)
+    for row in (s or {}).get("service", []):
+        if row["concurrency"] == 64:
+            print(f"{name} c=64: {row['requests_per_s']} req/s (target >= 2000), "
+                  f"p99 {row['p99_ms']} ms (target < 50)")
+PY
 log "done"
