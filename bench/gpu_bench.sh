@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One pass on a GPU machine for the speed work: GPU tests, the full NEU PoC on CUDA, the serving
-# benchmark, the fused-MaxMin benchmark and the training benchmark, each written out as it ends.
+# One pass on a GPU machine for the speed work, most important first, each written out as it ends:
+# GPU tests, the full NEU PoC on CUDA (CUDA-graph steps), the training benchmark, serving at 4 and
+# 8 workers, fused MaxMin, the NEU PoC with eager steps; then a summary against the GPU targets.
+# Every step is bounded; the whole pass keeps within GPU_BENCH_BUDGET seconds (default 540),
+# skipping what no longer fits.
 # Usage: bench/gpu_bench.sh NEU_DIR OUT_DIR   (python3 with PyTorch; extra wheels in .whl/ if any)
 set -uo pipefail
 NEU=${1:?NEU folder}
@@ -15,45 +18,51 @@ else
 fi
 export PYTHONUNBUFFERED=1 MAXMIN_DATA_DIR=/tmp/maxmin-var
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
+START=$(date +%s)
+BUDGET=${GPU_BENCH_BUDGET:-540}
+# within SECONDS: the step's own limit, cut to what the budget has left; fails when under 15 s left
+within() {
+    local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
+    if (( left < 15 )); then log "skipped: budget spent" >&2; return 1; fi
+    echo $(( $1 < left ? $1 : left ))
+}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc;
   python3 -c "import torch; print('torch', torch.__version__)"; } | tee -a "$OUT/log.txt"
 
 log "GPU tests"
-MAXMIN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_layers.py \
-    tests/test_models.py tests/test_train.py tests/test_batcher.py tests/test_model_process.py \
-    tests/test_api.py -k "not postgresql" 2>&1 \
+T=$(within 150) && MAXMIN_TEST_DEVICE=cuda timeout "$T" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_layers.py tests/test_models.py tests/test_train.py tests/test_batcher.py \
+    tests/test_model_process.py tests/test_api.py -k "not postgresql" 2>&1 \
     | tail -4 | tee "$OUT/tests.txt"
 
 log "full NEU PoC on CUDA (CUDA-graph steps; decoding included, no cache)"
 t0=$(date +%s%N)
-python3 -m training.cli train "$NEU" --device cuda --out /tmp/neu-gpu --no-cache \
-    --no-register --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
+T=$(within 120) && timeout "$T" python3 -m training.cli train "$NEU" --device cuda \
+    --out /tmp/neu-gpu --no-cache --no-register --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
 echo "process wall: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$OUT/log.txt"
 cp /tmp/neu-gpu/report.json "$OUT/neu-gpu-report.json"
-python3 -c "import json; r=json.load(open('/tmp/neu-gpu/report.json'))['run']; \
-print('report wall', r['wall_seconds'], 'step', r['training_step'], r['training_step_fallbacks'])" \
+
+log "training benchmark (CUDA): plain loop, this trainer, this trainer without CUDA graphs"
+T=$(within 240) && timeout "$T" python3 bench/train_bench.py "$NEU" --device cuda --epochs 5 \
+    --repeats 3 --sides plain,ours,ours-eager --out "$OUT/train_bench.json" 2>&1 | tail -3 \
     | tee -a "$OUT/log.txt"
 
-log "serving benchmark (CUDA)"
-timeout 200 python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda --workers 4 \
-    --client-procs 4 --seconds 8 --concurrency 1 8 32 64 128 --out "$OUT/serve.json" 2>&1 \
-    | grep "c=" | tee -a "$OUT/log.txt"
+log "serving benchmark (CUDA), 4 workers"
+T=$(within 150) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda \
+    --workers 4 --client-procs 4 --seconds 6 --concurrency 1 8 32 64 128 \
+    --out "$OUT/serve.json" 2>&1 | grep "c=" | tee -a "$OUT/log.txt"
 log "serving benchmark (CUDA), 8 workers at 64"
-timeout 120 python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda --workers 8 \
-    --client-procs 4 --seconds 8 --concurrency 64 --out "$OUT/serve-8w.json" 2>&1 \
+T=$(within 90) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda \
+    --workers 8 --client-procs 4 --seconds 6 --concurrency 64 --out "$OUT/serve-8w.json" 2>&1 \
     | grep "c=" | tee -a "$OUT/log.txt"
 
 log "fused MaxMin benchmark (CUDA)"
-python3 bench/fused_bench.py --device cuda > "$OUT/fused.json" 2>&1
-
-log "training benchmark (CUDA)"
-timeout 240 python3 bench/train_bench.py "$NEU" --device cuda --epochs 5 --repeats 3 \
-    --sides plain,ours,ours-eager --out "$OUT/train_bench.json" 2>&1 | tail -3 \
-    | tee -a "$OUT/log.txt"
+T=$(within 60) && timeout "$T" python3 bench/fused_bench.py --device cuda > "$OUT/fused.json" 2>&1
 
 log "full NEU PoC on CUDA, eager steps (--no-cuda-graphs), for comparison"
-timeout 100 python3 -m training.cli train "$NEU" --device cuda --out /tmp/neu-gpu-eager \
-    --no-cache --no-cuda-graphs --no-register --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
+T=$(within 100) && timeout "$T" python3 -m training.cli train "$NEU" --device cuda \
+    --out /tmp/neu-gpu-eager --no-cache --no-cuda-graphs --no-register --quiet 2>&1 | tail -6 \
+    | tee -a "$OUT/log.txt"
 cp /tmp/neu-gpu-eager/report.json "$OUT/neu-gpu-eager-report.json" 2>/dev/null
 log "summary against the GPU targets"
 python3 - "$OUT" <<'PY' 2>&1 | tee -a "$OUT/log.txt"
