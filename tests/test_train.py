@@ -310,3 +310,24 @@ def test_cuda_graphs_can_be_switched_off(small_folder: Path, device: torch.devic
     kwargs = {"num_classes": 3, "in_channels": ds.channels, "image_size": 16}
     cfg = TrainConfig(epochs=1, batch_size=8, device=str(device), cuda_graphs=False)
     assert fit("baseline", kwargs, splits, mean, std, 0, cfg).extra["training_step"] == "eager"
+
+
+def test_batch_size_one_still_trains(small_folder: Path) -> None:
+    """Batches of one image are dropped only as the short tail of larger batches."""
+    from training.engine import epoch_plan, steps_per_epoch
+
+    plan, batches = epoch_plan(5, 1, 16, ("hflip",), torch.Generator().manual_seed(0))
+    assert len(batches) == steps_per_epoch(5, 1) == 5 and sorted(plan[0].tolist()) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    plan, batches = epoch_plan(9, 4, 16, ("hflip",), torch.Generator().manual_seed(0))
+    assert [b for _, b in batches] == [4, 4] and steps_per_epoch(9, 4) == 2
+    ds = load_dataset(small_folder, size=16, progress=False)
+    splits, mean, std = ds.resident(torch.device("cpu"))
+    kwargs = {"num_classes": 3, "in_channels": ds.channels, "image_size": 16}
+    res = fit("baseline", kwargs, splits, mean, std, 0, TrainConfig(epochs=2, batch_size=1))
+    assert res.train_loss[0] > 0 and res.train_loss[1] < res.train_loss[0]

@@ -189,13 +189,11 @@ def epoch_plan(
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """One epoch's batches: a 5 x m int64 tensor (image index, then the four augmentation draws,
     per column, in training order) and each batch's (start column, size). A last batch of one
-    image is dropped: it adds noise and nothing else."""
+    image is dropped when batches are larger: it adds noise and nothing else."""
     order = torch.randperm(n, generator=gen)
     columns, batches, at = [], [], 0
-    for start in range(0, n, batch_size):
+    for start in _batch_starts(n, batch_size):
         idx = order[start : start + batch_size]
-        if len(idx) < 2:
-            continue
         columns.append(torch.cat((idx[None], augment_params(len(idx), side, kinds, gen))))
         batches.append((at, len(idx)))
         at += len(idx)
@@ -203,8 +201,12 @@ def epoch_plan(
     return plan, batches
 
 
+def _batch_starts(n: int, batch_size: int) -> list[int]:
+    return [s for s in range(0, n, batch_size) if n - s >= 2 or batch_size == 1]
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    return sum(1 for start in range(0, n, batch_size) if n - start >= 2)
+    return len(_batch_starts(n, batch_size))
 
 
 def one_cycle_lrs(cfg: TrainConfig, total_steps: int) -> list[float]:
