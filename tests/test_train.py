@@ -74,6 +74,9 @@ def test_report_meets_the_contract(run_dir: Path) -> None:
         )
         assert c["latency_ratio"] > 0 and c["train_time_ratio"] > 0
     assert isinstance(r["verdict"], str) and len(r["verdict"]) > 20
+    # On CUDA the default run (bf16 autocast where supported) trains with captured graphs.
+    expected = ["CUDA graph"] if r["run"]["device"].startswith("cuda") else ["eager"]
+    assert r["run"]["training_step"] == expected and r["run"]["training_step_fallbacks"] == []
 
 
 def test_html_report_is_self_contained(run_dir: Path) -> None:
