@@ -233,6 +233,13 @@ def test_precision_follows_the_hardware_and_the_option(
     assert json.loads((out / "report.json").read_text())["run"]["precision"] == "fp32"
 
 
+def _small_splits(folder: Path, device: torch.device):  # noqa: ANN202
+    """The small generated folder at 16 px, resident on ``device``, and the model arguments."""
+    ds = load_dataset(folder, size=16, progress=False)
+    splits, mean, std = ds.resident(device)
+    return splits, mean, std, {"num_classes": 3, "in_channels": ds.channels, "image_size": 16}
+
+
 def _plain_loop(arch, kwargs, splits, mean, std, seed, cfg, device):  # noqa: ANN001, ANN202
     """The textbook loop the engine must match: PyTorch's AdamW and one-cycle scheduler stepped
     per batch, augmentation drawn per batch. Returns each epoch's mean loss and weights."""
@@ -279,10 +286,8 @@ def test_training_step_matches_a_plain_loop(
     from training.engine import TrainStep
 
     monkeypatch.setattr(TrainStep, "WARMUP", 1)  # capture both batch sizes (8 and 5) early
-    ds = load_dataset(small_folder, size=16, progress=False)
-    splits, mean, std = ds.resident(device)
+    splits, mean, std, kwargs = _small_splits(small_folder, device)
     assert len(splits["train"][0]) % 8 >= 2  # a short last batch, so two graphs
-    kwargs = {"num_classes": 3, "in_channels": ds.channels, "image_size": 16}
     cfg = TrainConfig(epochs=4, batch_size=8, device=str(device), amp=False, lr=3e-3)
     res = fit("maxmin", kwargs, splits, mean, std, 7, cfg)
     assert res.extra["training_step"] == ("CUDA graph" if device.type == "cuda" else "eager")
@@ -308,9 +313,7 @@ def test_training_step_matches_a_plain_loop(
 
 
 def test_cuda_graphs_can_be_switched_off(small_folder: Path, device: torch.device) -> None:
-    ds = load_dataset(small_folder, size=16, progress=False)
-    splits, mean, std = ds.resident(device)
-    kwargs = {"num_classes": 3, "in_channels": ds.channels, "image_size": 16}
+    splits, mean, std, kwargs = _small_splits(small_folder, device)
     cfg = TrainConfig(epochs=1, batch_size=8, device=str(device), cuda_graphs=False)
     assert fit("baseline", kwargs, splits, mean, std, 0, cfg).extra["training_step"] == "eager"
 
@@ -329,8 +332,6 @@ def test_batch_size_one_still_trains(small_folder: Path) -> None:
     ]
     plan, batches = epoch_plan(9, 4, 16, ("hflip",), torch.Generator().manual_seed(0))
     assert [b for _, b in batches] == [4, 4] and steps_per_epoch(9, 4) == 2
-    ds = load_dataset(small_folder, size=16, progress=False)
-    splits, mean, std = ds.resident(torch.device("cpu"))
-    kwargs = {"num_classes": 3, "in_channels": ds.channels, "image_size": 16}
+    splits, mean, std, kwargs = _small_splits(small_folder, torch.device("cpu"))
     res = fit("baseline", kwargs, splits, mean, std, 0, TrainConfig(epochs=2, batch_size=1))
     assert res.train_loss[0] > 0 and res.train_loss[1] < res.train_loss[0]

@@ -138,9 +138,11 @@ def precision(device: torch.device, amp: bool) -> str:
     return "bf16 autocast" if amp and bf16_native(device.type) else "fp32"
 
 
-def _autocast(device: torch.device, amp: bool):  # noqa: ANN202
+def _autocast(device: torch.device, amp: bool, cache: bool = True):  # noqa: ANN202
     enabled = amp and bf16_native(device.type)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache
+    )
 
 
 def augment_params(n: int, side: int, kinds: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
@@ -277,9 +279,8 @@ class TrainStep:
         x = apply_augment(
             normalize(self.images[idx], self.mean, self.std), plan[1:], self.cfg.augment
         )
-        enabled = self.cfg.amp and bf16_native(self.device.type)
         # The autocast weight cache must stay off under capture (PyTorch's CUDA-graph notes).
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=enabled, cache_enabled=False):
+        with _autocast(self.device, self.cfg.amp, cache=False):
             loss = self.loss_fn(self.model(x), self.labels[idx])
         loss.backward()
         self.optimizer.step()
