@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,13 +107,19 @@ class PredictionBatch:
 
 
 def _stage(
-    session: Session, store: ImageStore, batches: list[PredictionBatch], created: list[str]
+    session: Session,
+    store: ImageStore,
+    batches: list[PredictionBatch],
+    created: list[str],
+    lock: AbstractContextManager,
 ) -> list[list[StoredPrediction]]:
-    """Write the image files (once each) and insert every batch's rows, without committing.
+    """Write the image files (once each), then, holding ``lock``, insert every batch's rows and
+    commit.
 
     Three statements for the whole group (images, predictions, model outputs), whatever its size:
     per-object ORM flushes, and then per-request statements, were the largest part of a request's
-    time after the models."""
+    time after the models. Files and rows are prepared before the lock is taken, so the lock
+    covers only the database's own work."""
     images: dict[str, dict] = {}
     pred_rows: list[dict] = []
     outputs: list[list[NewOutput]] = []
@@ -144,24 +151,28 @@ def _stage(
                 }
             )
             outputs.append(outs)
-    _insert_ignore(session, StoredImage.__table__, list(images.values()))
-    # Core statements on the session's connection: the ORM's bulk path adds per-row bookkeeping
-    # that the response does not need.
-    conn = session.connection()
     table = Prediction.__table__
-    ids = (
-        conn.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), pred_rows)
-        .scalars()
-        .all()
-    )
-    conn.execute(
-        insert(ModelOutput.__table__),
-        [
-            {"prediction_id": pid, **o.__dict__}
-            for pid, outs in zip(ids, outputs, strict=True)
-            for o in outs
-        ],
-    )
+    with lock:
+        _insert_ignore(session, StoredImage.__table__, list(images.values()))
+        # Core statements on the session's connection: the ORM's bulk path adds per-row
+        # bookkeeping that the response does not need.
+        conn = session.connection()
+        ids = (
+            conn.execute(
+                insert(table).returning(table.c.id, sort_by_parameter_order=True), pred_rows
+            )
+            .scalars()
+            .all()
+        )
+        conn.execute(
+            insert(ModelOutput.__table__),
+            [
+                {"prediction_id": pid, **o.__dict__}
+                for pid, outs in zip(ids, outputs, strict=True)
+                for o in outs
+            ],
+        )
+        session.commit()
     staged: list[list[StoredPrediction]] = []
     k = 0
     for batch in batches:
@@ -186,18 +197,20 @@ def _stage(
 
 
 def store_batches(
-    session: Session, store: ImageStore, batches: list[PredictionBatch]
+    session: Session,
+    store: ImageStore,
+    batches: list[PredictionBatch],
+    lock: AbstractContextManager | None = None,
 ) -> list[list[StoredPrediction]]:
     """Store several requests' predictions in one transaction (a group commit); all or nothing.
 
     Image files are written before the commit; if the transaction fails, files this call created
     and that no committed row refers to are removed again, so no orphan files stay behind.
+    ``lock`` is held around the statements and the commit (see ``app.core.db.write_lock``).
     """
     created: list[str] = []
     try:
-        staged = _stage(session, store, batches, created)
-        session.commit()
-        return staged
+        return _stage(session, store, batches, created, lock or nullcontext())
     except BaseException:
         session.rollback()
         for sha in created:

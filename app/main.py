@@ -21,7 +21,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from app.api.routes import health, images, metrics, pages, predictions, reports, stats
 from app.core.batcher import MicroBatcher
 from app.core.config import Settings, get_settings
-from app.core.db import check_schema, make_engine, session_factory
+from app.core.db import check_schema, make_engine, session_factory, write_lock
 from app.core.inference import Classifier, ModelsUnavailable
 from app.core.limits import BodyLimitMiddleware
 from app.core.model_process import ModelProcess, ModelProcessFailed
@@ -91,7 +91,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessions = session_factory(engine)
     app.state.store = ImageStore(settings.images_dir)
     load_models(app)
-    app.state.writer = GroupWriter(app.state.sessions, app.state.store)
+    app.state.writer = GroupWriter(
+        app.state.sessions, app.state.store, write_lock=write_lock(settings.db_url)
+    )
     app.state.decode_pool = ThreadPoolExecutor(settings.core_share, thread_name_prefix="decode")
     app.state.batcher = None
     if app.state.classifier is not None:

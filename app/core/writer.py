@@ -1,8 +1,10 @@
 """Group commit: predictions from concurrent requests share one database transaction.
 
 Each request still gets its answer only after its rows are committed, but one commit (and one
-SQLite lock, one WAL sync) serves every request that arrived meanwhile. If a group's transaction
-fails, each request in it is retried alone, so one bad request never fails the others.
+SQLite lock, one WAL sync) serves every request that arrived meanwhile. Each group's statements
+and commit run under ``write_lock`` (for SQLite, one writer across all web workers; see
+``app.core.db.SqliteWriteLock``). If a group's transaction fails, each request in it is retried
+alone, so one bad request never fails the others.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,9 +36,11 @@ class GroupWriter:
         store: ImageStore,
         max_group: int = 64,
         max_queue: int = 1024,
+        write_lock: AbstractContextManager | None = None,
     ) -> None:
         self.sessions = sessions
         self.store = store
+        self.write_lock = write_lock if write_lock is not None else nullcontext()
         self.max_group = max_group
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="group-writer", daemon=True)
@@ -49,6 +54,8 @@ class GroupWriter:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
+        if hasattr(self.write_lock, "close"):
+            self.write_lock.close()
 
     def _run(self) -> None:
         while True:
@@ -70,7 +77,8 @@ class GroupWriter:
     def _write(self, jobs: list[_Job]) -> None:
         try:
             with self.sessions() as session:
-                results = store_batches(session, self.store, [j.batch for j in jobs])
+                batches = [j.batch for j in jobs]
+                results = store_batches(session, self.store, batches, self.write_lock)
         except Exception as exc:  # noqa: BLE001 - each request must hear of its own fate
             if len(jobs) == 1:
                 jobs[0].future.set_exception(exc)

@@ -1,0 +1,176 @@
+"""Prediction writes from several web workers into one SQLite file: SQLite's busy timeout alone
+against the service's cross-process write lock (``app.core.db.write_lock``), side by side.
+
+Each worker is a process with the service's own ``GroupWriter`` (group commit, bulk inserts, the
+image store) fed by client threads that each store one image's A/B prediction and wait for it,
+as concurrent ``/predict`` requests do. Reports predictions/s and the write latency per request
+(p50/p90/p99) for each way, alternating the two ways in each repeat. No models, no HTTP: only the
+database path. Usage:
+python bench/db_bench.py --workers 4 8 --clients 8 --seconds 5 --repeats 3 [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.core.db import make_engine, session_factory, upgrade, write_lock  # noqa: E402
+from app.core.storage import ImageStore  # noqa: E402
+from app.core.writer import GroupWriter  # noqa: E402
+from app.crud import NewImage, NewOutput, PredictionBatch  # noqa: E402
+
+CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
+
+
+def _images(count: int = 200, size: int = 8000) -> list[bytes]:
+    """Distinct blobs the size of a NEU JPEG (the store keeps each once, as the service does)."""
+    return [random.Random(i).randbytes(size) for i in range(count)]
+
+
+def _batch(data: bytes, rng: random.Random) -> PredictionBatch:
+    outputs = []
+    for name in ("baseline", "maxmin"):
+        p = np.asarray([rng.random() for _ in CLASSES])
+        p /= p.sum()
+        k = int(p.argmax())
+        outputs.append(
+            NewOutput(
+                model_name=name,
+                model_version=f"{name}.safetensors:0123456789ab",
+                label=CLASSES[k],
+                confidence=float(p[k]),
+                probabilities={c: round(float(v), 6) for c, v in zip(CLASSES, p, strict=True)},
+                latency_ms=0.5,
+            )
+        )
+    image = NewImage(sha256(data).hexdigest(), data, "image/jpeg", 200, 200, "part.jpg")
+    return PredictionBatch([(image, outputs)], CLASSES, "bench", None)
+
+
+def _worker(url: str, images_dir: str, locked: bool, clients: int, seconds: float, start: float):
+    """One web worker's writer and its clients; returns request latencies (ms) and group sizes."""
+    engine = make_engine(url)
+    writer = GroupWriter(
+        session_factory(engine),
+        ImageStore(Path(images_dir)),
+        write_lock=write_lock(url) if locked else nullcontext(),
+    )
+    blobs = _images()
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0]
+
+    def client(k: int) -> None:
+        rng = random.Random(k)
+        i = k * 7
+        while time.perf_counter() < start + seconds:
+            batch = _batch(blobs[i % len(blobs)], rng)
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                writer.submit(batch).result(timeout=60)
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                errors[0] += 1
+                continue
+            latencies[k].append((time.perf_counter() - t0) * 1000)
+
+    time.sleep(max(0.0, start - time.perf_counter()))
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writer.close()
+    engine.dispose()
+    return [x for lat in latencies for x in lat], errors[0]
+
+
+def run_once(workers: int, clients: int, seconds: float, locked: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/maxmin.db"
+        upgrade(url)
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            start = time.perf_counter() + 3.0  # every worker imported and connected by then
+            jobs = [
+                pool.apply_async(_worker, (url, f"{tmp}/images", locked, clients, seconds, start))
+                for _ in range(workers)
+            ]
+            parts = [j.get(timeout=seconds + 120) for j in jobs]
+        engine = make_engine(url)
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one()
+        engine.dispose()
+    lat = np.asarray([x for p in parts for x in p[0]])
+    return {
+        "way": "write lock" if locked else "busy timeout",
+        "workers": workers,
+        "clients_per_worker": clients,
+        "predictions": int(lat.size),
+        "rows_stored": int(rows),
+        "errors": sum(p[1] for p in parts),
+        "predictions_per_s": round(lat.size / seconds, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p90_ms": round(float(np.percentile(lat, 90)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--clients", type=int, default=8, help="concurrent requests per worker")
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    runs, summary = [], []
+    for workers in args.workers:
+        per_way: dict[str, list[dict]] = {"busy timeout": [], "write lock": []}
+        for _ in range(args.repeats):
+            for locked in (False, True):
+                row = run_once(workers, args.clients, args.seconds, locked)
+                print(json.dumps(row), flush=True)
+                runs.append(row)
+                per_way[row["way"]].append(row)
+        med = {
+            way: {
+                k: round(statistics.median(r[k] for r in rows), 2)
+                for k in ("predictions_per_s", "p50_ms", "p90_ms", "p99_ms")
+            }
+            for way, rows in per_way.items()
+        }
+        line = {
+            "workers": workers,
+            "clients_per_worker": args.clients,
+            "median": med,
+            "ratio_predictions_per_s": round(
+                med["write lock"]["predictions_per_s"] / med["busy timeout"]["predictions_per_s"], 2
+            ),
+        }
+        print(json.dumps(line), flush=True)
+        summary.append(line)
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {"args": vars(args) | {"out": str(args.out)}, "runs": runs, "summary": summary},
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
