@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine for the speed work, most important first, each written out as it ends:
 # GPU tests, the full NEU PoC on CUDA (CUDA-graph steps), the training benchmark, serving at 4 and
-# 8 workers, fused MaxMin, the NEU PoC with eager steps; then a summary against the GPU targets.
+# 8 workers, the database write path, fused MaxMin, the NEU PoC with eager steps; then a summary
+# against the GPU targets.
 # Every step is bounded; the whole pass keeps within GPU_BENCH_BUDGET seconds (default 540),
 # skipping what no longer fits.
 # Usage: bench/gpu_bench.sh NEU_DIR OUT_DIR   (python3 with PyTorch; extra wheels in .whl/ if any)
@@ -55,6 +56,10 @@ log "serving benchmark (CUDA), 8 workers at 64"
 T=$(within 90) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda \
     --workers 8 --client-procs 4 --seconds 6 --concurrency 64 --out "$OUT/serve-8w.json" 2>&1 \
     | grep "c=" | tee -a "$OUT/log.txt"
+
+log "database write path, 8 workers: SQLite busy timeout against the write lock"
+T=$(within 60) && timeout "$T" python3 bench/db_bench.py --workers 8 --clients 8 --seconds 3 \
+    --repeats 1 --out "$OUT/db.json" 2>&1 | grep ratio | tee -a "$OUT/log.txt"
 
 log "fused MaxMin benchmark (CUDA)"
 T=$(within 60) && timeout "$T" python3 bench/fused_bench.py --device cuda > "$OUT/fused.json" 2>&1

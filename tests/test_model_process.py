@@ -41,6 +41,31 @@ def test_answers_equal_the_in_process_models(run_dir: Path) -> None:
     assert proc.pid is None
 
 
+def test_the_gpu_path_answers_as_the_cpu(run_dir: Path, device) -> None:  # noqa: ANN001
+    """On CUDA the models are queued together and waited for once; same answers as the CPU's."""
+    if device.type != "cuda":
+        pytest.skip("needs CUDA (MAXMIN_TEST_DEVICE=cuda on a GPU machine)")
+    names = ["baseline", "maxmin"]
+    cpu = Classifier(run_dir, names, "cpu")
+    gpu = Classifier(run_dir, names, "cuda")
+    images = np.stack([cpu.decode(png_bytes(i), 10**7).array for i in range(7)])
+    want = cpu.classify(images)
+    got = gpu.classify(images)
+    for name in names:
+        probs, ms = got[name]
+        assert probs.shape == want[name][0].shape
+        np.testing.assert_allclose(probs, want[name][0], atol=5e-3)  # cuDNN may use TF32
+        assert 0 < ms < 1000
+    proc = ModelProcess(run_dir, names, "cuda", threads=1)
+    try:
+        assert proc.device.startswith("cuda")
+        remote = proc.classify(images)
+        for name in names:
+            np.testing.assert_allclose(remote[name][0], got[name][0], atol=1e-5)
+    finally:
+        proc.close()
+
+
 def test_a_run_that_cannot_load_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ModelProcessFailed, match="report.json"):
         ModelProcess(tmp_path, ["baseline"], "cpu")
