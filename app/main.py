@@ -24,6 +24,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import check_schema, make_engine, session_factory, write_lock
 from app.core.inference import Classifier, ModelsUnavailable
 from app.core.limits import BodyLimitMiddleware
+from app.core.model_host import ModelHostClient
 from app.core.model_process import ModelProcess, ModelProcessFailed
 from app.core.observability import Metrics, ObserveMiddleware
 from app.core.security import KeyCache, session_secret
@@ -62,6 +63,17 @@ def load_models(app: FastAPI) -> None:
         )
         return
     try:
+        if settings.model_host:
+            # `serve` with several workers: the models run once, in the host it started.
+            host = ModelHostClient(
+                settings.model_host,
+                bytes.fromhex(settings.model_host_key or ""),
+                settings.model_timeout_seconds,
+            )
+            app.state.runner = host
+            run_dir = host.run_dir
+            app.state.classifier = Classifier(run_dir, settings.ab_models, "cpu")
+            return
         # With a model process, this copy only decodes and names things: it stays on the CPU.
         device = "cpu" if settings.model_process else settings.device
         app.state.classifier = Classifier(run_dir, settings.ab_models, device)
@@ -111,7 +123,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     if app.state.batcher is not None:
         app.state.batcher.close()
-    if isinstance(getattr(app.state, "runner", None), ModelProcess):
+    if isinstance(getattr(app.state, "runner", None), ModelProcess | ModelHostClient):
         app.state.runner.close()
     app.state.writer.close()
     app.state.decode_pool.shutdown(wait=True)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from sqlalchemy import create_engine, func, select
 
@@ -283,3 +284,41 @@ def test_metrics_sum_every_worker(run_dir: Path, tmp_path: Path) -> None:
                 if line.startswith("maxmin_predictions_total{") and 'model="baseline"' in line
             ]
             assert sum(counts) == 12, text
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_workers_share_one_model_process(
+    run_dir: Path, tmp_path: Path, shared: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two workers, `serve` starts one model process for both (models loaded once, batches
+    merged); MAXMIN_SHARED_MODELS=false gives each worker its own. Both ways answer alike."""
+    url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
+    port = _port()
+    monkeypatch.setenv("MAXMIN_SHARED_MODELS", str(shared).lower())
+    with server(url, run_dir, tmp_path / "var", port, workers=2) as (key, proc):
+        spawned = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())
+        ]
+        direct = [p for p in spawned if p.ppid() == proc.pid]
+        nested = [p for p in spawned if p.ppid() != proc.pid]
+        # shared: the serve process starts 2 workers and 1 model host; otherwise each of
+        # its 2 workers starts a model process of its own.
+        assert (len(direct), len(nested)) == ((3, 0) if shared else (2, 2))
+        answers: dict[int, list[dict]] = {0: [], 1: []}
+        for i in range(6):
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/predict",
+                headers={"X-API-Key": key},
+                files=[("files", (f"{i}.png", png_bytes(i % 2)))],
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            answers[i % 2].append(r.json()["data"][0]["results"])
+        for seen in answers.values():  # whichever worker took it, the same answer each time
+            assert set(seen[0]) == {"baseline", "maxmin"}
+            for other in seen[1:]:
+                for name, answer in seen[0].items():
+                    assert other[name]["label"] == answer["label"]
+                    assert other[name]["confidence"] == pytest.approx(answer["confidence"])

@@ -343,21 +343,57 @@ def _serve(args: argparse.Namespace) -> int:
         for stale in metrics_dir.glob("*.db"):
             stale.unlink()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    host = _model_host(settings, args.workers)
     base = f"http://{args.host}:{args.port}"
     print(
         f"Inspector page: {base}/\nDashboard:      {base}/dashboard\nAPI docs:       {base}/docs",
         flush=True,
     )
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level="info",
-        access_log=False,  # the service logs each request itself, as JSON with its request id
-    )
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level="info",
+            access_log=False,  # the service logs each request itself, as JSON with its request id
+        )
+    finally:
+        if host is not None:
+            host.close()
     return 0
+
+
+def _model_host(settings, workers: int):  # noqa: ANN001, ANN202
+    """With several workers, one model process for all of them (``app.core.model_host``); its
+    address goes to the workers through the environment. None when each worker keeps its own:
+    one worker, models in the web process, ``MAXMIN_SHARED_MODELS=false``, or no run yet."""
+    if workers < 2 or not settings.model_process or not settings.shared_models:
+        return None
+    from app.core.db import make_engine, session_factory
+    from app.core.model_host import ModelHost
+    from app.core.model_process import ModelProcessFailed
+    from app.main import find_run_dir
+
+    engine = make_engine(settings.db_url)
+    try:
+        run_dir = find_run_dir(settings, session_factory(engine))
+    finally:
+        engine.dispose()
+    if run_dir is None:
+        return None  # the workers say in /readyz what to do
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) - workers)
+    try:
+        host = ModelHost(run_dir, settings.ab_models, settings.device, threads)
+    except ModelProcessFailed as exc:
+        print(
+            f"warning: no shared model process ({exc}); each worker loads its own", file=sys.stderr
+        )
+        return None
+    os.environ.update(host.env())
+    print(f"Models:         {run_dir} on {host.device}, shared by {workers} workers", flush=True)
+    return host
 
 
 def _keys(args: argparse.Namespace) -> int:

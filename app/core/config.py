@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     torch_threads: int = 0  # 0: see Settings.threads
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
     model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
+    shared_models: bool = True  # several workers: one model process for all (app/core/model_host)
+    model_host: str | None = None  # set by `maxmin-inspect serve` for its workers: the socket
+    model_host_key: str | None = None  # and the key that authenticates them to it
     max_files: int = 32  # images per /predict request
     max_file_bytes: int = 20 * 1024 * 1024  # bytes per image
     max_body_bytes: int = 64 * 1024 * 1024  # bytes per request

@@ -1,0 +1,286 @@
+"""One model process for all web workers: the A/B models loaded once, batches merged across
+workers.
+
+With several web workers, a model process per worker means one copy of the models, one micro-batch
+and, on a GPU, one CUDA context per worker: the contexts take turns on the GPU and each pass holds
+only that worker's share of the requests in flight. ``maxmin-inspect serve --workers N`` (N > 1)
+starts one ``ModelHost`` instead, before the workers; each worker sends its micro-batches to it
+over a Unix socket (``ModelHostClient``, the same ``classify`` as ``ModelProcess``), and the host
+runs whatever batches are waiting, from every worker, as one pass through both models.
+
+The socket lives in a private temporary folder and the connection is authenticated with a key
+that only the serve command and its workers know. If the host dies, the requests it held get 503
+("models unavailable"); the serve command starts a new host at the same address, and the workers
+reconnect with their next batch.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
+from pathlib import Path
+
+import numpy as np
+
+from app.core.model_process import ModelProcessFailed
+
+log = logging.getLogger("maxmin_inspect")
+
+
+def _send(conn: Connection, message: object) -> None:
+    try:
+        conn.send(message)
+    except (OSError, ValueError):  # that worker went away: nothing to tell it
+        pass
+
+
+def _answer(classifier, jobs: list[tuple[Connection, np.ndarray]]) -> None:  # noqa: ANN001
+    """One pass for every waiting batch; each worker gets its rows, or its own error."""
+    try:
+        arrays = np.concatenate([a for _, a in jobs]) if len(jobs) > 1 else jobs[0][1]
+        results = classifier.classify(arrays)
+    except Exception as exc:  # noqa: BLE001 - one bad batch must fail alone
+        if len(jobs) > 1:
+            for job in jobs:
+                _answer(classifier, [job])
+            return
+        _send(jobs[0][0], ("error", f"{type(exc).__name__}: {exc}"))
+        return
+    offset = 0
+    for conn, a in jobs:
+        n = len(a)
+        rows = {name: (probs[offset : offset + n], ms) for name, (probs, ms) in results.items()}
+        offset += n
+        _send(conn, ("ok", rows))
+
+
+def _host_main(
+    address: str,
+    authkey: bytes,
+    run_dir: str,
+    names: list[str],
+    device: str,
+    threads: int,
+    ready: Connection,
+) -> None:
+    """The host process: load the models, listen, and answer merged batches until stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serve command stops it
+    parent = os.getppid()
+    import torch
+
+    from app.core.inference import Classifier
+
+    torch.set_num_threads(threads)
+    try:
+        classifier = Classifier(Path(run_dir), names, device)
+        if os.path.exists(address):
+            os.unlink(address)  # left by a host that died
+        listener = Listener(address, family="AF_UNIX", authkey=authkey)
+    except Exception as exc:  # noqa: BLE001 - the serve command reports it
+        ready.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    info = {"device": str(classifier.device), "run_dir": run_dir, "names": names}
+    stats = {"passes": 0, "requests": 0}
+    work: queue.Queue[tuple[Connection, np.ndarray]] = queue.Queue()
+
+    def read(conn: Connection) -> None:
+        while True:
+            try:
+                kind, payload = conn.recv()
+            except (EOFError, OSError, ValueError, TypeError):
+                conn.close()
+                return
+            if kind == "info":
+                _send(conn, ("ok", info | stats))
+            else:
+                work.put((conn, payload))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn = listener.accept()
+            except (AuthenticationError, EOFError, OSError):
+                continue  # a client that failed the handshake
+            threading.Thread(target=read, args=(conn,), daemon=True).start()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)  # the serve command is gone (even killed): so is its host
+
+    threading.Thread(target=accept, daemon=True).start()
+    threading.Thread(target=orphaned, daemon=True).start()
+    gc.collect()
+    gc.freeze()
+    ready.send(("ready", info["device"]))
+    ready.close()
+    while True:
+        jobs = [work.get()]
+        while True:  # every batch waiting now, from every worker (at most one per worker)
+            try:
+                jobs.append(work.get_nowait())
+            except queue.Empty:
+                break
+        stats["passes"] += 1
+        stats["requests"] += len(jobs)
+        _answer(classifier, jobs)
+
+
+class ModelHost:
+    """Starts the host process, restarts it if it dies, and tells workers how to reach it."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        names: list[str],
+        device: str = "auto",
+        threads: int = 1,
+        start_timeout_s: float = 180.0,
+    ) -> None:
+        self._folder = tempfile.mkdtemp(prefix="maxmin-models-")  # mode 0700: this user only
+        self.address = os.path.join(self._folder, "models.sock")
+        self.authkey = os.urandom(32)
+        self._args = (str(Path(run_dir).resolve()), list(names), device, threads)
+        self._start_timeout = start_timeout_s
+        self._stopping = threading.Event()
+        self._proc: mp.process.BaseProcess | None = None
+        try:
+            self.device = self._start()
+        except BaseException:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            raise
+        self._watchdog = threading.Thread(target=self._watch, name="model-host-watch", daemon=True)
+        self._watchdog.start()
+
+    def _start(self) -> str:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=_host_main,
+            args=(self.address, self.authkey, *self._args, child),
+            name="maxmin-models",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(self._start_timeout):
+                raise ModelProcessFailed(f"the model host did not start in {self._start_timeout} s")
+            try:
+                status, payload = parent.recv()
+            except EOFError:
+                raise ModelProcessFailed(
+                    f"the model host exited at start (code {proc.exitcode})"
+                ) from None
+            if status != "ready":
+                raise ModelProcessFailed(payload)
+        except BaseException:
+            proc.kill()
+            proc.join(5)
+            raise
+        finally:
+            parent.close()
+        self._proc = proc
+        log.info("model host %s started on %s at %s", proc.pid, payload, self.address)
+        return payload
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            proc = self._proc
+            if proc is not None and proc.is_alive():
+                proc.join(1.0)
+                continue
+            if self._stopping.is_set():
+                return
+            log.error(
+                "model host exited (code %s); starting a new one",
+                proc.exitcode if proc else None,
+            )
+            try:
+                self._start()
+            except ModelProcessFailed as exc:
+                log.error("model host did not restart: %s; trying again in 5 s", exc)
+                self._stopping.wait(5)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def env(self) -> dict[str, str]:
+        """What a worker needs to reach the host (read by ``Settings``)."""
+        return {"MAXMIN_MODEL_HOST": self.address, "MAXMIN_MODEL_HOST_KEY": self.authkey.hex()}
+
+    def close(self) -> None:
+        self._stopping.set()
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.terminate()
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+class ModelHostClient:
+    """A worker's connection to the host: ``classify`` as in ``ModelProcess``, one batch at a
+    time; a lost connection fails the batch (503) and the next batch reconnects."""
+
+    def __init__(self, address: str, authkey: bytes, batch_timeout_s: float = 60.0) -> None:
+        self.address = address
+        self._authkey = authkey
+        self._batch_timeout = batch_timeout_s
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        info = self.info()
+        self.device: str = info["device"]
+        self.run_dir = Path(info["run_dir"])
+
+    def _call(self, kind: str, payload: object) -> object:
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
+                conn = self._conn
+                conn.send((kind, payload))
+                if not conn.poll(self._batch_timeout):
+                    self._drop()  # a late answer must never reach the next batch
+                    raise ModelProcessFailed(
+                        f"the model host did not answer within {self._batch_timeout:g} s"
+                    )
+                status, result = conn.recv()
+            except (EOFError, OSError, AuthenticationError) as exc:
+                self._drop()
+                raise ModelProcessFailed(
+                    f"the model host is not answering ({type(exc).__name__}); the service "
+                    "restarts it, retry shortly"
+                ) from None
+        if status != "ok":
+            raise ModelProcessFailed(result)
+        return result
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def info(self) -> dict:
+        """The host's device, run and counters (passes, requests)."""
+        return self._call("info", None)
+
+    def classify(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+        """Per model: class probabilities (N x K) and the model's time per image in ms."""
+        return self._call("classify", np.ascontiguousarray(arrays))
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
