@@ -113,26 +113,10 @@ def _measure(
         proc.wait(timeout=30)
 
 
-def _one_run(args: argparse.Namespace, env: dict) -> dict:
-    """One side-by-side run: the plain endpoint, then this service, at every concurrency."""
-    sides: dict = {}
-    port = _port()
-    sides["plain"] = _measure(
-        "plain",
-        [
-            sys.executable,
-            str(ROOT / "bench" / "plain_server.py"),
-            str(args.run_dir),
-            "--port",
-            str(port),
-            "--device",
-            args.device,
-        ],
-        env,
-        port,
-        args,
-        "/docs",
-    )
+def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dict]:
+    """This service in a fresh data folder (SQLite), with its default settings (``service``), or
+    with one model process shared by all workers (``service-shared``) or one per worker
+    (``service-per-worker``) whatever the device."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _port()
         svc_env = {
@@ -142,19 +126,13 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
             "MAXMIN_DEVICE": args.device,
         }
         svc_env.pop("DATABASE_URL", None)
+        svc_env.pop("MAXMIN_SHARED_MODELS", None)
+        if side != "service":
+            svc_env["MAXMIN_SHARED_MODELS"] = "true" if side == "service-shared" else "false"
         # A line key, as a line system would send: the access check is part of the cost.
         made = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "training.cli",
-                "keys",
-                "create",
-                "--role",
-                "line",
-                "--name",
-                "bench",
-            ],
+            [sys.executable, "-m", "training.cli", "keys", "create", "--role", "line"]
+            + ["--name", "bench"],
             env=svc_env,
             cwd=ROOT,
             capture_output=True,
@@ -162,24 +140,36 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
             check=True,
         )
         load_env = {**env, "MAXMIN_API_KEY": made.stdout.strip().splitlines()[-1]}
-        sides["service"] = _measure(
-            "ours",
+        serve = [sys.executable, "-m", "training.cli", "serve", "--port", str(port)]
+        serve += ["--workers", str(args.workers)]
+        name = {"service": "ours", "service-shared": "ours-s"}.get(side, "ours-w")
+        return _measure(name, serve, svc_env, port, args, "/readyz", load_env)
+
+
+def _one_run(args: argparse.Namespace, env: dict) -> dict:
+    """One side-by-side run: each side in turn (the plain endpoint first), at every concurrency."""
+    sides: dict = {}
+    port = _port()
+    if "plain" in args.sides:
+        sides["plain"] = _measure(
+            "plain",
             [
                 sys.executable,
-                "-m",
-                "training.cli",
-                "serve",
+                str(ROOT / "bench" / "plain_server.py"),
+                str(args.run_dir),
                 "--port",
                 str(port),
-                "--workers",
-                str(args.workers),
+                "--device",
+                args.device,
             ],
-            svc_env,
+            env,
             port,
             args,
-            "/readyz",
-            load_env,
+            "/docs",
         )
+    for side in ("service", "service-shared", "service-per-worker"):
+        if side in args.sides:
+            sides[side] = _measure_service(side, args, env)
     return sides
 
 
@@ -212,7 +202,14 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=1, help="load generator processes")
     parser.add_argument("--repeats", type=int, default=1, help="runs; the summary takes medians")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--sides",
+        default="plain,service",
+        help="comma-separated: plain, service (default settings), service-shared (one model "
+        "process for all workers), service-per-worker (one each)",
+    )
     args = parser.parse_args()
+    args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -228,14 +225,19 @@ def main() -> None:
     for k in range(args.repeats):
         print(f"run {k + 1} of {args.repeats}", file=sys.stderr)
         summary["runs"].append(_one_run(args, env))
-    summary["plain"] = _median_rows(summary["runs"], "plain")
-    summary["service"] = _median_rows(summary["runs"], "service")
-    ratio = {}
-    for p, s in zip(summary["plain"], summary["service"], strict=True):
-        ratio[str(p["concurrency"])] = round(
-            s["requests_per_s"] / max(p["requests_per_s"], 1e-9), 2
-        )
-    summary["throughput_ratio"] = ratio
+    for side in args.sides:
+        summary[side] = _median_rows(summary["runs"], side)
+    for name, (a, b) in {
+        "throughput_ratio": ("service", "plain"),
+        "shared_over_per_worker": ("service-shared", "service-per-worker"),
+    }.items():
+        if a in summary and b in summary:
+            summary[name] = {
+                str(x["concurrency"]): round(
+                    y["requests_per_s"] / max(x["requests_per_s"], 1e-9), 2
+                )
+                for x, y in zip(summary[b], summary[a], strict=True)
+            }
     text = json.dumps(summary, indent=1)
     print(text)
     if args.out:

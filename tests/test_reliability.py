@@ -286,15 +286,17 @@ def test_metrics_sum_every_worker(run_dir: Path, tmp_path: Path) -> None:
             assert sum(counts) == 12, text
 
 
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("setting", ["true", "false", "auto"])
 def test_workers_share_one_model_process(
-    run_dir: Path, tmp_path: Path, shared: bool, monkeypatch: pytest.MonkeyPatch
+    run_dir: Path, tmp_path: Path, setting: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With two workers, `serve` starts one model process for both (models loaded once, batches
-    merged); MAXMIN_SHARED_MODELS=false gives each worker its own. Both ways answer alike."""
+    """With two workers and MAXMIN_SHARED_MODELS=true, `serve` starts one model process for both
+    (models loaded once, batches merged); with false, and with auto on the CPU, each worker has
+    its own. Every way answers alike."""
     url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
     port = _port()
-    monkeypatch.setenv("MAXMIN_SHARED_MODELS", str(shared).lower())
+    monkeypatch.setenv("MAXMIN_SHARED_MODELS", setting)
+    shared = setting == "true"  # the server runs on the CPU
     with server(url, run_dir, tmp_path / "var", port, workers=2) as (key, proc):
         spawned = [
             p

@@ -368,9 +368,18 @@ def _serve(args: argparse.Namespace) -> int:
 def _model_host(settings, workers: int):  # noqa: ANN001, ANN202
     """With several workers, one model process for all of them (``app.core.model_host``); its
     address goes to the workers through the environment. None when each worker keeps its own:
-    one worker, models in the web process, ``MAXMIN_SHARED_MODELS=false``, or no run yet."""
-    if workers < 2 or not settings.model_process or not settings.shared_models:
+    one worker, models in the web process, ``MAXMIN_SHARED_MODELS=false`` (or ``auto`` on the
+    CPU), or no run yet."""
+    if workers < 2 or not settings.model_process or settings.shared_models == "false":
         return None
+    if settings.shared_models == "auto":
+        from training.engine import resolve_device
+
+        try:
+            if resolve_device(settings.device).type != "cuda":
+                return None
+        except ValueError:
+            return None  # the workers report the bad device
     from app.core.db import make_engine, session_factory
     from app.core.model_host import ModelHost
     from app.core.model_process import ModelProcessFailed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,7 +29,11 @@ class Settings(BaseSettings):
     torch_threads: int = 0  # 0: see Settings.threads
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
     model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
-    shared_models: bool = True  # several workers: one model process for all (app/core/model_host)
+    # Several workers: one model process for all of them (app/core/model_host.py), or one each.
+    # auto: shared on a GPU (one CUDA context, merged batches); one each on the CPU, where two
+    # model processes on 2 cores served 1.14-1.22x the requests of one shared
+    # (bench/serve_bench.py --sides service,service-per-worker).
+    shared_models: Literal["auto", "true", "false"] = "auto"
     model_host: str | None = None  # set by `maxmin-inspect serve` for its workers: the socket
     model_host_key: str | None = None  # and the key that authenticates them to it
     max_files: int = 32  # images per /predict request
@@ -43,6 +48,16 @@ class Settings(BaseSettings):
     batch_max_size: int = 64  # images per pass through the models
     batch_wait_ms: float = 0.0  # extra wait for company; 0: batch whatever queued meanwhile
     queue_max: int = 512  # waiting requests before new ones get 503 (back-pressure)
+
+    @field_validator("shared_models", mode="before")
+    @classmethod
+    def _tristate(cls, value: object) -> object:
+        text = str(value).strip().lower()
+        aliases = {
+            **dict.fromkeys(("1", "yes", "on"), "true"),
+            **dict.fromkeys(("0", "no", "off"), "false"),
+        }
+        return aliases.get(text, text)
 
     @field_validator("ab_models", mode="before")
     @classmethod
