@@ -30,9 +30,9 @@ class Settings(BaseSettings):
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
     model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
     # Several workers: one model process for all of them (app/core/model_host.py), or one each.
-    # auto: shared on a GPU (one CUDA context, merged batches); one each on the CPU, where two
-    # model processes on 2 cores served 1.14-1.22x the requests of one shared
-    # (bench/serve_bench.py --sides service,service-per-worker).
+    # auto: shared on a GPU (one CUDA context, merged batches); one each on the CPU, where with 2
+    # workers on 2 cores one shared process served 0.78x the requests of one each
+    # (bench/results/serve-cpu-shared.json).
     shared_models: Literal["auto", "true", "false"] = "auto"
     model_host: str | None = None  # set by `maxmin-inspect serve` for its workers: the socket
     model_host_key: str | None = None  # and the key that authenticates them to it
