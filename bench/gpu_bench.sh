@@ -5,7 +5,8 @@
 # against the GPU targets.
 # Every step is bounded; the whole pass keeps within GPU_BENCH_BUDGET seconds (default 540),
 # skipping what no longer fits.
-# Usage: bench/gpu_bench.sh NEU_DIR OUT_DIR   (python3 with PyTorch; extra wheels in .whl/ if any)
+# Usage: bench/gpu_bench.sh NEU_DIR OUT_DIR   (python3 with PyTorch; the service's other packages
+# as wheels in .whl/ when the machine has no package index: bench/wheels.sh makes them)
 set -uo pipefail
 NEU=${1:?NEU folder}
 OUT=${2:?output folder}

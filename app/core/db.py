@@ -51,7 +51,9 @@ class SqliteWriteLock:
     writer that just missed the lock sleeps well past its release. Taking an exclusive ``flock`` on
     a file beside the database first makes waiters block in the kernel and wake the moment the
     holder lets go (``bench/db_bench.py`` measures both ways). Readers are not affected (WAL), and
-    writes that do not take this lock still work through the busy timeout.
+    writes that do not take this lock still work through the busy timeout. The kernel releases the
+    lock when its holder dies, and a holder's own statements are bounded by the busy timeout, so a
+    waiter never waits forever.
     """
 
     def __init__(self, path: Path) -> None:

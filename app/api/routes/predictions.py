@@ -246,8 +246,8 @@ async def create_prediction(
 ) -> Response:
     """Classify each image with every A/B model; store the image once and the predictions.
 
-    The response's Server-Timing header says where the time went: parse, decode (and
-    preprocess), queue (waiting for a batch), model, db, serialize.
+    The response's Server-Timing header says where the time went: parse, decode (including any
+    wait for a decoding thread), preprocess, queue (waiting for a batch), model, db, serialize.
     """
     t0 = time.perf_counter()
     uploads, source, part_id = await _read_uploads(request, settings)
@@ -276,9 +276,11 @@ async def create_prediction(
     data = [to_public(p) for p in preds]
     body = PredictionsPublic(data=data, count=len(data)).model_dump_json()
     t5 = time.perf_counter()
+    preprocess = sum(d.preprocess_s for d in decoded)
     timing = {
         "parse": t1 - t0,
-        "decode": t2 - t1,
+        "decode": t2 - t1 - preprocess,
+        "preprocess": preprocess,
         "queue": result.queue_ms / 1000,
         "model": result.model_ms / 1000,
         "db": t4 - t3,
