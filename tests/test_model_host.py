@@ -101,8 +101,10 @@ def test_a_client_without_the_key_is_refused(host: ModelHost, local: Classifier)
 
 def test_a_dead_host_is_replaced(host: ModelHost, local: Classifier) -> None:
     client = ModelHostClient(host.address, host.authkey)
+    idle = ModelHostClient(host.address, host.authkey)  # connected, then idle across the restart
     images = _images(local, 0, 2)
     client.classify(images)
+    idle.classify(images)
     old = host.pid
     os.kill(old, signal.SIGKILL)
     with pytest.raises(ModelProcessFailed):  # the batch the dead host would have held
@@ -117,14 +119,20 @@ def test_a_dead_host_is_replaced(host: ModelHost, local: Classifier) -> None:
             time.sleep(0.2)
     assert host.pid != old
     np.testing.assert_allclose(got["maxmin"][0], local.classify(images)["maxmin"][0], atol=1e-6)
+    # A worker whose connection went stale while idle gets its next batch answered, not a 503.
+    assert idle.classify(images)["baseline"][0].shape[0] == 2
     client.close()
+    idle.close()
 
 
 def test_closing_removes_the_socket(run_dir: Path) -> None:
     h = ModelHost(run_dir, NAMES, "cpu", threads=1)
     pid, address = h.pid, h.address
     assert Path(address).exists()
+    client = ModelHostClient(address, h.authkey)
+    assert client.ping() is None
     h.close()
+    assert "not reachable" in client.ping()
     assert not Path(address).parent.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

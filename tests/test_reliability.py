@@ -324,3 +324,39 @@ def test_workers_share_one_model_process(
                 for name, answer in seen[0].items():
                     assert other[name]["label"] == answer["label"]
                     assert other[name]["confidence"] == pytest.approx(answer["confidence"])
+
+
+def test_readiness_follows_the_shared_model_process(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed, the shared model process makes /readyz answer 503 with the reason until the serve
+    command's new one answers; then /readyz and /predict work again."""
+    url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
+    port = _port()
+    monkeypatch.setenv("MAXMIN_SHARED_MODELS", "true")
+    with server(url, run_dir, tmp_path / "var", port, workers=2) as (key, proc):
+        base = f"http://127.0.0.1:{port}"
+        spawned = [
+            p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert len(spawned) == 3
+        # The serve command starts the model process, and waits for it, before the workers.
+        min(spawned, key=lambda p: p.create_time()).kill()
+        deadline = time.monotonic() + 60
+        seen = []
+        while True:
+            r = httpx.get(f"{base}/readyz", timeout=10)
+            seen.append(r.status_code)
+            if r.status_code == 503:
+                assert "model process" in r.json()["detail"]
+            if 503 in seen and r.status_code == 200:
+                break
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+        r = httpx.post(
+            f"{base}/predict",
+            headers={"X-API-Key": key},
+            files=[("files", ("a.png", png_bytes(3)))],
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text

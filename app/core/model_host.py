@@ -247,23 +247,29 @@ class ModelHostClient:
 
     def _call(self, kind: str, payload: object) -> object:
         with self._lock:
-            try:
-                if self._conn is None:
-                    self._conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
-                conn = self._conn
-                conn.send((kind, payload))
-                if not conn.poll(self._batch_timeout):
-                    self._drop()  # a late answer must never reach the next batch
-                    raise ModelProcessFailed(
-                        f"the model host did not answer within {self._batch_timeout:g} s"
-                    )
-                status, result = conn.recv()
-            except (EOFError, OSError, AuthenticationError) as exc:
-                self._drop()
-                raise ModelProcessFailed(
-                    f"the model host is not answering ({type(exc).__name__}); the service "
-                    "restarts it, retry shortly"
-                ) from None
+            for attempt in range(2):
+                fresh = self._conn is None
+                try:
+                    if fresh:
+                        self._conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
+                    conn = self._conn
+                    conn.send((kind, payload))
+                    if not conn.poll(self._batch_timeout):
+                        self._drop()  # a late answer must never reach the next batch
+                        raise ModelProcessFailed(
+                            f"the model host did not answer within {self._batch_timeout:g} s"
+                        )
+                    status, result = conn.recv()
+                    break
+                except (EOFError, OSError, AuthenticationError) as exc:
+                    self._drop()
+                    if fresh or attempt:
+                        raise ModelProcessFailed(
+                            f"the model host is not answering ({type(exc).__name__}); the "
+                            "service restarts it, retry shortly"
+                        ) from None
+                    # A connection to a host that has died since: a new host may be up already,
+                    # and a call has no side effects, so once more on a new connection.
         if status != "ok":
             raise ModelProcessFailed(result)
         return result
@@ -272,6 +278,24 @@ class ModelHostClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def ping(self, timeout_s: float = 2.0) -> str | None:
+        """None when the host answers within ``timeout_s`` on a connection of its own (a batch in
+        flight does not delay it), else why not: for readiness checks."""
+        try:
+            conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
+        except (OSError, EOFError, AuthenticationError) as exc:
+            return f"the model process is not reachable ({type(exc).__name__})"
+        try:
+            conn.send(("info", None))
+            if not conn.poll(timeout_s):
+                return f"the model process did not answer within {timeout_s:g} s"
+            conn.recv()
+            return None
+        except (OSError, EOFError) as exc:
+            return f"the model process closed the connection ({type(exc).__name__})"
+        finally:
+            conn.close()
 
     def info(self) -> dict:
         """The host's device, run and counters (passes, requests)."""

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from app.core.model_host import ModelHostClient
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -20,7 +21,8 @@ def read_health() -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 def read_ready(request: Request) -> JSONResponse:
-    """Ready when the database answers and the A/B models are loaded; else 503 with the reason."""
+    """Ready when the database answers and the A/B models are loaded (and, when the workers share
+    one model process, that it answers); else 503 with the reason."""
     state = request.app.state
     try:
         with state.engine.connect() as conn:
@@ -30,6 +32,10 @@ def read_ready(request: Request) -> JSONResponse:
         return JSONResponse(body.model_dump(), status_code=503)
     if state.classifier is None:
         body = Health(status="unavailable", detail=state.models_error)
+        return JSONResponse(body.model_dump(), status_code=503)
+    if isinstance(state.runner, ModelHostClient) and (problem := state.runner.ping()):
+        # The shared model process is down or hung; the serve command is restarting it.
+        body = Health(status="unavailable", detail=f"{problem}; it is being restarted")
         return JSONResponse(body.model_dump(), status_code=503)
     c = state.classifier
     body = Health(
