@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
+import secrets
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -27,28 +30,33 @@ def load_images(folder: Path, limit: int = 200) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in files[::step][:limit]]
 
 
-def build_request(url: str, name: str, data: bytes, api_key: str | None) -> bytes:
+TRAILER = 8  # bytes appended after the image's end with --distinct
+
+
+def build_request(
+    url: str, name: str, data: bytes, api_key: str | None, distinct: bool = False
+) -> tuple[bytes, bytes]:
     """One complete HTTP/1.1 multipart upload, built once and sent many times (keeps the client
-    cheap: the client shares the machine's cores with the server under test)."""
+    cheap: the client shares the machine's cores with the server under test), as the bytes up to
+    the end of the image and the bytes after it. With ``distinct``, each request puts a counter of
+    TRAILER bytes between the two: after the image's end marker, where decoders stop reading, so
+    the pixels are the same but every upload is a new file for the content-addressed store, as
+    every part on a line is."""
     parts = urlparse(url)
     kind = "image/png" if name.endswith(".png") else "image/jpeg"
     boundary = "maxminbench7d3f"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
-            f'filename="{name}"\r\nContent-Type: {kind}\r\n\r\n'
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+    lead = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+        f'filename="{name}"\r\nContent-Type: {kind}\r\n\r\n'
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    length = len(lead) + len(data) + (TRAILER if distinct else 0) + len(tail)
     head = (
         f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        + (f"X-API-Key: {api_key}\r\n" if api_key else "")
-        + "\r\n"
+        f"Content-Length: {length}\r\n" + (f"X-API-Key: {api_key}\r\n" if api_key else "") + "\r\n"
     )
-    return head.encode() + body
+    return head.encode() + lead + data, tail
 
 
 async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bool]:
@@ -89,13 +97,16 @@ async def _worker(
     stop_at: float,
     budget: list[int],
     out: dict,
+    distinct: Iterator[int] | None = None,
 ) -> None:
     i = start
     conn = None
     while time.perf_counter() < stop_at and budget[0] > 0:
         budget[0] -= 1
-        request = requests[i % len(requests)]
+        front, tail = requests[i % len(requests)]
         i += 1
+        counter = next(distinct) if distinct is not None else None
+        request = front + (counter.to_bytes(TRAILER, "big") if counter is not None else b"") + tail
         t0 = time.perf_counter()
         ok, headers = False, {}
         try:
@@ -129,7 +140,12 @@ async def _worker(
 
 
 async def _load(
-    url: str, images: list[tuple[str, bytes]], concurrency: int, seconds: float, max_requests: int
+    url: str,
+    images: list[tuple[str, bytes]],
+    concurrency: int,
+    seconds: float,
+    max_requests: int,
+    distinct: bool = False,
 ) -> dict:
     """One process's share: raw latencies, errors, Server-Timing parts, elapsed seconds."""
     parts = urlparse(url)
@@ -137,15 +153,21 @@ async def _load(
         raise SystemExit("the load generator only targets loopback")
     out: dict = {"latency": [], "errors": 0, "timing": {}}
     key = os.environ.get("MAXMIN_API_KEY")
-    requests = [build_request(url, name, data, key) for name, data in images]
+    requests = [build_request(url, name, data, key, distinct) for name, data in images]
     host, port = parts.hostname, parts.port or 80
+    # Distinct uploads: a counter from a random 62-bit start, so client processes and runs never
+    # meet in practice.
+    counter = itertools.count(secrets.randbits(62)) if distinct else None
     warm: dict = {"latency": [], "errors": 0, "timing": {}}
-    await _worker(host, port, requests, 0, time.perf_counter() + 30, [1], warm)
+    await _worker(host, port, requests, 0, time.perf_counter() + 30, [1], warm, counter)
     budget = [max_requests]
     t0 = time.perf_counter()
     stop_at = t0 + seconds
     await asyncio.gather(
-        *[_worker(host, port, requests, k * 7, stop_at, budget, out) for k in range(concurrency)]
+        *[
+            _worker(host, port, requests, k * 7, stop_at, budget, out, counter)
+            for k in range(concurrency)
+        ]
     )
     out["elapsed"] = time.perf_counter() - t0
     return out
@@ -162,12 +184,13 @@ def run_load(
     seconds: float,
     max_requests: int,
     procs: int = 1,
+    distinct: bool = False,
 ) -> dict:
     """Keep ``concurrency`` requests in flight (spread over ``procs`` client processes, so the
     client is never the bottleneck) until the time or the request budget runs out."""
     procs = max(1, min(procs, concurrency))
     shares = [concurrency // procs + (1 if k < concurrency % procs else 0) for k in range(procs)]
-    jobs = [(url, images, c, seconds, max_requests // procs) for c in shares]
+    jobs = [(url, images, c, seconds, max_requests // procs, distinct) for c in shares]
     if procs == 1:
         parts = [_child(jobs[0])]
     else:
@@ -210,10 +233,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--max-requests", type=int, default=5000)
     parser.add_argument("--procs", type=int, default=1, help="client processes")
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="make every upload a new file (same pixels), as on a line; default: the images "
+        "repeat, so the store writes each file once",
+    )
     args = parser.parse_args()
     images = load_images(args.images)
     for c in args.concurrency:
-        row = run_load(args.url, images, c, args.seconds, args.max_requests, args.procs)
+        row = run_load(
+            args.url, images, c, args.seconds, args.max_requests, args.procs, args.distinct
+        )
+        row["distinct"] = args.distinct
         print(json.dumps(row), flush=True)
 
 

@@ -89,7 +89,8 @@ def _measure(
                     str(args.client_procs),
                     "--concurrency",
                     str(c),
-                ],
+                ]
+                + (["--distinct"] if args.distinct else []),
                 capture_output=True,
                 text=True,
                 env=load_env or env,
@@ -203,6 +204,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs; the summary takes medians")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="every upload a new file, as on a line (bench/load.py --distinct)",
+    )
+    parser.add_argument(
         "--sides",
         default="plain,service",
         help="comma-separated: plain, service (default settings), service-shared (one model "
@@ -220,6 +226,7 @@ def main() -> None:
         "seconds": args.seconds,
         "workers": args.workers,
         "repeats": args.repeats,
+        "distinct_uploads": args.distinct,
         "runs": [],
     }
     for k in range(args.repeats):
