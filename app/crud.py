@@ -213,34 +213,14 @@ def store_batches(
         return _stage(session, store, batches, created, lock or nullcontext())
     except BaseException:
         session.rollback()
-        remove_unreferenced(session, store, created)
-        raise
-
-
-def write_files(store: ImageStore, images: list[tuple[str, bytes]]) -> list[str]:
-    """Write each (sha256, bytes) not stored yet; returns the hashes of the files this call made.
-    If one write fails, the files this call made are removed again before the error goes on."""
-    created: list[str] = []
-    try:
-        for sha, data in images:
-            if sha not in created and store.put(sha, data):
-                created.append(sha)
-    except BaseException:
         for sha in created:
-            store.remove(sha)
+            try:
+                still_used = session.get(StoredImage, sha) is not None
+            except Exception:  # noqa: BLE001 - database gone: the file is not referenced
+                still_used = False
+            if not still_used:
+                store.remove(sha)
         raise
-    return created
-
-
-def remove_unreferenced(session: Session, store: ImageStore, shas: list[str]) -> None:
-    """Remove the files among ``shas`` that no committed row refers to (after a failed write)."""
-    for sha in shas:
-        try:
-            still_used = session.get(StoredImage, sha) is not None
-        except Exception:  # noqa: BLE001 - database gone: the file is not referenced
-            still_used = False
-        if not still_used:
-            store.remove(sha)
 
 
 def store_predictions(

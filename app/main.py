@@ -107,8 +107,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.sessions, app.state.store, write_lock=write_lock(settings.db_url)
     )
     app.state.decode_pool = ThreadPoolExecutor(settings.core_share, thread_name_prefix="decode")
-    # Image files are written here while the models run: mostly waiting for the disk (fsync).
-    app.state.file_pool = ThreadPoolExecutor(4, thread_name_prefix="files")
     app.state.batcher = None
     if app.state.classifier is not None:
         app.state.batcher = MicroBatcher(
@@ -129,7 +127,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runner.close()
     app.state.writer.close()
     app.state.decode_pool.shutdown(wait=True)
-    app.state.file_pool.shutdown(wait=True)
     engine.dispose()
 
 

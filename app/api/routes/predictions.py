@@ -37,9 +37,7 @@ from app.crud import (
     as_utc,
     get_prediction,
     list_predictions,
-    remove_unreferenced,
     set_label,
-    write_files,
 )
 from app.schemas import LabelUpdate, PredictionPublic, PredictionsPublic
 from app.tables import Prediction
@@ -194,13 +192,12 @@ def _count(metrics, items: list, result: BatchResult) -> None:  # noqa: ANN001
 def _build_items(
     classifier: Classifier,
     uploads: list[tuple[str | None, bytes]],
-    shas: list[str],
     decoded: list[Decoded],
     result: BatchResult,
 ) -> list[tuple[NewImage, list[NewOutput]]]:
     """Pair each upload with every model's answer for it."""
     items = []
-    for i, ((name, data), sha, d) in enumerate(zip(uploads, shas, decoded, strict=True)):
+    for i, ((name, data), d) in enumerate(zip(uploads, decoded, strict=True)):
         outputs = []
         for model_name, (probs, latency) in result.outputs.items():
             p = probs[i]
@@ -218,7 +215,7 @@ def _build_items(
                 )
             )
         image = NewImage(
-            sha256=sha,
+            sha256=hashlib.sha256(data).hexdigest(),
             data=data,
             content_type=d.content_type,
             width=d.width,
@@ -227,11 +224,6 @@ def _build_items(
         )
         items.append((image, outputs))
     return items
-
-
-def _forget(sessions, store, shas: list[str]) -> None:  # noqa: ANN001
-    with sessions() as session:
-        remove_unreferenced(session, store, shas)
 
 
 @router.post(
@@ -254,49 +246,32 @@ async def create_prediction(
 ) -> Response:
     """Classify each image with every A/B model; store the image once and the predictions.
 
-    The image files are written while the models run; the rows once both are done. If the
-    request fails after that, the files it made and that no row refers to are removed again.
     The response's Server-Timing header says where the time went: parse, decode (including any
-    wait for a decoding thread), preprocess, files (writing new image files, beside the models),
-    queue (waiting for a batch), model, db, serialize.
+    wait for a decoding thread), preprocess, queue (waiting for a batch), model, db, serialize.
     """
     t0 = time.perf_counter()
     uploads, source, part_id = await _read_uploads(request, settings)
     t1 = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    state = request.app.state
     # A small pool of its own: decoding in the default pool of 40 threads thrashes the GIL and
     # starves the event loop under load.
-    decoded = await loop.run_in_executor(
-        state.decode_pool, _decode_all, classifier, uploads, settings.max_image_pixels
+    decoded = await asyncio.get_running_loop().run_in_executor(
+        request.app.state.decode_pool, _decode_all, classifier, uploads, settings.max_image_pixels
     )
     t2 = time.perf_counter()
+    batcher = request.app.state.batcher
     try:
-        job = state.batcher.submit(np.stack([d.array for d in decoded]))
+        result = await asyncio.wrap_future(batcher.submit(np.stack([d.array for d in decoded])))
     except Overloaded as exc:
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
-    files = [(hashlib.sha256(data).hexdigest(), data) for _, data in uploads]
-    shas = [sha for sha, _ in files]
-    created = await loop.run_in_executor(state.file_pool, write_files, state.store, files)
-    t_files = time.perf_counter() - t2
-    try:
-        try:
-            result = await asyncio.wrap_future(job)
-        except ModelProcessFailed as exc:
-            raise HTTPException(
-                503, detail=f"models unavailable: {exc}", headers={"Retry-After": "2"}
-            ) from None
-        t3 = time.perf_counter()
-        items = _build_items(classifier, uploads, shas, decoded, result)
-        _count(state.metrics, items, result)
-        batch = PredictionBatch(items, classifier.classes, source, part_id)
-        preds = await asyncio.wrap_future(state.writer.submit(batch))
-    except BaseException:
-        if created:
-            await loop.run_in_executor(
-                state.file_pool, _forget, state.sessions, state.store, created
-            )
-        raise
+    except ModelProcessFailed as exc:
+        raise HTTPException(
+            503, detail=f"models unavailable: {exc}", headers={"Retry-After": "2"}
+        ) from None
+    t3 = time.perf_counter()
+    items = _build_items(classifier, uploads, decoded, result)
+    _count(request.app.state.metrics, items, result)
+    batch = PredictionBatch(items, classifier.classes, source, part_id)
+    preds = await asyncio.wrap_future(request.app.state.writer.submit(batch))
     t4 = time.perf_counter()
     data = [to_public(p) for p in preds]
     body = PredictionsPublic(data=data, count=len(data)).model_dump_json()
@@ -306,7 +281,6 @@ async def create_prediction(
         "parse": t1 - t0,
         "decode": t2 - t1 - preprocess,
         "preprocess": preprocess,
-        "files": t_files,
         "queue": result.queue_ms / 1000,
         "model": result.model_ms / 1000,
         "db": t4 - t3,
