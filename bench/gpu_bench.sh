@@ -53,9 +53,10 @@ log "serving benchmark (CUDA), 4 workers"
 T=$(within 150) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda \
     --workers 4 --client-procs 4 --seconds 6 --concurrency 1 8 32 64 128 \
     --out "$OUT/serve.json" 2>&1 | grep "c=" | tee -a "$OUT/log.txt"
+# Every upload a new image file here (--distinct), as on a line.
 log "serving benchmark (CUDA), 8 workers at 64: one model process for all, and one per worker"
 T=$(within 120) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda \
-    --workers 8 --client-procs 4 --seconds 6 --concurrency 64 \
+    --workers 8 --client-procs 4 --seconds 6 --concurrency 64 --distinct \
     --sides service-shared,service-per-worker --out "$OUT/serve-8w.json" 2>&1 \
     | grep "c=" | tee -a "$OUT/log.txt"
 
