@@ -4,7 +4,8 @@
 # 8 workers, the database write path, fused MaxMin, the NEU PoC with eager steps; then a summary
 # against the GPU targets.
 # Every step is bounded; the whole pass keeps within GPU_BENCH_BUDGET seconds (default 540),
-# skipping what no longer fits.
+# skipping what no longer fits. GPU_BENCH_DEVICE=cpu runs the same steps on a machine without a GPU
+# (with a small image folder): a check of the script itself, whose figures mean nothing.
 # Usage: bench/gpu_bench.sh NEU_DIR OUT_DIR   (python3 with PyTorch; the service's other packages
 # as wheels in .whl/ when the machine has no package index: bench/wheels.sh makes them)
 set -uo pipefail
@@ -22,6 +23,7 @@ export PYTHONUNBUFFERED=1 MAXMIN_DATA_DIR=/tmp/maxmin-var
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 START=$(date +%s)
 BUDGET=${GPU_BENCH_BUDGET:-540}
+DEVICE=${GPU_BENCH_DEVICE:-cuda}  # cpu: a dry run of the script itself on a machine without a GPU
 # within SECONDS: the step's own limit, cut to what the budget has left; fails when under 15 s left
 within() {
     local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
@@ -32,30 +34,30 @@ within() {
   python3 -c "import torch; print('torch', torch.__version__)"; } | tee -a "$OUT/log.txt"
 
 log "GPU tests"
-T=$(within 150) && MAXMIN_TEST_DEVICE=cuda timeout "$T" python3 -m pytest -q -p no:cacheprovider \
+T=$(within 150) && MAXMIN_TEST_DEVICE=$DEVICE timeout "$T" python3 -m pytest -q -p no:cacheprovider \
     tests/test_layers.py tests/test_models.py tests/test_train.py tests/test_batcher.py \
     tests/test_model_process.py tests/test_api.py -k "not postgresql" 2>&1 \
     | tail -4 | tee "$OUT/tests.txt"
 
 log "full NEU PoC on CUDA (CUDA-graph steps; decoding included, no cache)"
 t0=$(date +%s%N)
-T=$(within 120) && timeout "$T" python3 -m training.cli train "$NEU" --device cuda \
+T=$(within 120) && timeout "$T" python3 -m training.cli train "$NEU" --device $DEVICE \
     --out /tmp/neu-gpu --no-cache --no-register --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
 echo "process wall: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$OUT/log.txt"
 cp /tmp/neu-gpu/report.json "$OUT/neu-gpu-report.json"
 
 log "training benchmark (CUDA): plain loop, this trainer, this trainer without CUDA graphs"
-T=$(within 240) && timeout "$T" python3 bench/train_bench.py "$NEU" --device cuda --epochs 5 \
+T=$(within 240) && timeout "$T" python3 bench/train_bench.py "$NEU" --device $DEVICE --epochs 5 \
     --repeats 3 --sides plain,ours,ours-eager --out "$OUT/train_bench.json" 2>&1 | tail -3 \
     | tee -a "$OUT/log.txt"
 
 log "serving benchmark (CUDA), 4 workers"
-T=$(within 150) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda \
+T=$(within 150) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device $DEVICE \
     --workers 4 --client-procs 4 --seconds 6 --concurrency 1 8 32 64 128 \
     --out "$OUT/serve.json" 2>&1 | grep "c=" | tee -a "$OUT/log.txt"
 # Every upload a new image file here (--distinct), as on a line.
 log "serving benchmark (CUDA), 8 workers at 64: one model process for all, and one per worker"
-T=$(within 120) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device cuda \
+T=$(within 120) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device $DEVICE \
     --workers 8 --client-procs 4 --seconds 6 --concurrency 64 --distinct \
     --sides service-shared,service-per-worker --out "$OUT/serve-8w.json" 2>&1 \
     | grep "c=" | tee -a "$OUT/log.txt"
@@ -65,10 +67,10 @@ T=$(within 60) && timeout "$T" python3 bench/db_bench.py --workers 8 --clients 8
     --repeats 1 --out "$OUT/db.json" 2>&1 | grep ratio | tee -a "$OUT/log.txt"
 
 log "fused MaxMin benchmark (CUDA)"
-T=$(within 60) && timeout "$T" python3 bench/fused_bench.py --device cuda > "$OUT/fused.json" 2>&1
+T=$(within 60) && timeout "$T" python3 bench/fused_bench.py --device $DEVICE > "$OUT/fused.json" 2>&1
 
 log "full NEU PoC on CUDA, eager steps (--no-cuda-graphs), for comparison"
-T=$(within 100) && timeout "$T" python3 -m training.cli train "$NEU" --device cuda \
+T=$(within 100) && timeout "$T" python3 -m training.cli train "$NEU" --device $DEVICE \
     --out /tmp/neu-gpu-eager --no-cache --no-cuda-graphs --no-register --quiet 2>&1 | tail -6 \
     | tee -a "$OUT/log.txt"
 cp /tmp/neu-gpu-eager/report.json "$OUT/neu-gpu-eager-report.json" 2>/dev/null
