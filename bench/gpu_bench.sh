@@ -36,7 +36,8 @@ within() {
 log "GPU tests"
 T=$(within 150) && MAXMIN_TEST_DEVICE=$DEVICE timeout "$T" python3 -m pytest -q -p no:cacheprovider \
     tests/test_layers.py tests/test_models.py tests/test_train.py tests/test_batcher.py \
-    tests/test_model_process.py tests/test_api.py -k "not postgresql" 2>&1 \
+    tests/test_model_process.py tests/test_model_host.py tests/test_api.py \
+    -k "not postgresql" 2>&1 \
     | tail -4 | tee "$OUT/tests.txt"
 
 log "full NEU PoC on CUDA (CUDA-graph steps; decoding included, no cache)"

@@ -136,3 +136,21 @@ def test_closing_removes_the_socket(run_dir: Path) -> None:
     assert not Path(address).parent.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_host_on_cuda_answers_as_the_models_in_process(run_dir: Path, device) -> None:  # noqa: ANN001
+    """The shared model process with its own CUDA context: same answers as CUDA in-process."""
+    if device.type != "cuda":
+        pytest.skip("needs CUDA (MAXMIN_TEST_DEVICE=cuda on a GPU machine)")
+    gpu = Classifier(run_dir, NAMES, "cuda")
+    h = ModelHost(run_dir, NAMES, "cuda", threads=1)
+    try:
+        client = ModelHostClient(h.address, h.authkey)
+        assert client.device.startswith("cuda")
+        images = _images(gpu, 0, 6)
+        got, want = client.classify(images), gpu.classify(images)
+        for name in NAMES:
+            np.testing.assert_allclose(got[name][0], want[name][0], atol=1e-5)
+        client.close()
+    finally:
+        h.close()
