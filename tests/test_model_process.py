@@ -95,6 +95,36 @@ def test_killed_model_process_gives_503_then_serves_again(run_dir: Path, tmp_pat
         assert rows == 2
 
 
+def test_a_dead_model_process_is_replaced_before_the_next_request(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """/readyz names the dead process until the watchdog's new one is up; no request needed."""
+    url = f"sqlite:///{tmp_path / 'maxmin.db'}"
+    upgrade(url)
+    settings = Settings(data_dir=tmp_path / "var", database_url=url, run_dir=run_dir, device="cpu")
+    with TestClient(create_app(settings), headers={"X-API-Key": make_key(url)}) as client:
+        runner = client.app.state.runner
+        assert client.get("/readyz").status_code == 200
+        first = runner.pid
+        os.kill(first, signal.SIGKILL)
+        seen, deadline = [], time.monotonic() + 5
+        while time.monotonic() < deadline:
+            r = client.get("/readyz")
+            if r.status_code == 503:
+                seen.append(r.json()["detail"])
+                break
+            time.sleep(0.01)
+        assert seen and "model process exited (code -9)" in seen[0], seen
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.get("/readyz").status_code == 200
+        assert runner.pid not in (None, first)  # replaced without a request
+        upload = [("files", ("a.png", png_bytes(4), "image/png"))]
+        assert client.post("/predict", files=upload).status_code == 200
+    assert runner.ping() == "the model process is shut down"
+
+
 def test_death_in_flight_fails_that_batch_and_the_next_one_restarts(run_dir: Path) -> None:
     proc = ModelProcess(run_dir, ["baseline", "maxmin"], "cpu", threads=1)
     try:

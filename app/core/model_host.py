@@ -282,6 +282,10 @@ class ModelHostClient:
     def ping(self, timeout_s: float = 2.0) -> str | None:
         """None when the host answers within ``timeout_s`` on a connection of its own (a batch in
         flight does not delay it), else why not: for readiness checks."""
+        problem = self._ping(timeout_s)
+        return f"{problem}; it is being restarted" if problem else None
+
+    def _ping(self, timeout_s: float) -> str | None:
         try:
             conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
         except (OSError, EOFError, AuthenticationError) as exc:

@@ -9,7 +9,9 @@ forward pass never waits for the web process; batches cross a pipe (a batch of 1
 is 64 KB).
 
 If the process dies (out of memory, a crash in a native library), the batch it held fails with
-``ModelProcessFailed`` (the API answers 503), and the next batch starts a fresh process.
+``ModelProcessFailed`` (the API answers 503). A watchdog thread sees the death at once and starts a
+fresh process, so the requests after it wait for the start rather than fail; ``ping`` (read by
+/readyz) names the problem until the new process is up.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import multiprocessing as mp
 import threading
 import time
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,13 @@ class ModelProcess:
         self._lock = threading.Lock()
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self._problem: str | None = None  # why no process answers now, for ping()
+        self._closed = threading.Event()
         self.device = self._start()
+        self._watchdog = threading.Thread(
+            target=self._watch, name="maxmin-models-watchdog", daemon=True
+        )
+        self._watchdog.start()
 
     def _start(self) -> str:
         ctx = mp.get_context("spawn")  # no fork of a process that holds threads and a CUDA context
@@ -106,6 +114,41 @@ class ModelProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def ping(self) -> str | None:
+        """None while the model process is up, else why not: for readiness checks."""
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            return None
+        if self._closed.is_set():
+            return "the model process is shut down"
+        if proc is not None:
+            return f"the model process exited (code {proc.exitcode}); a new one is starting"
+        return self._problem or "the model process is starting"
+
+    def _watch(self, retry_s: float = 5.0) -> None:
+        """Start a new process as soon as the current one dies, not at the next batch."""
+        while not self._closed.is_set():
+            proc = self._proc
+            if proc is not None:
+                wait([proc.sentinel], timeout=1.0)
+                if proc.is_alive():
+                    continue
+            with self._lock:
+                if self._closed.is_set() or (self._proc is not None and self._proc.is_alive()):
+                    continue
+                code = self._proc.exitcode if self._proc is not None else None
+                self._problem = f"the model process exited (code {code}); a new one is starting"
+                log.error("the model process exited (code %s); starting a new one", code)
+                self._stop(kill=True)
+                try:
+                    self.device = self._start()
+                    self._problem = None
+                    continue
+                except ModelProcessFailed as exc:
+                    self._problem = f"the model process cannot start: {exc}"
+                    log.error(self._problem)
+            self._closed.wait(retry_s)
 
     def classify(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
         """Per model: class probabilities (N x K) and the model's time per image in ms."""
@@ -156,5 +199,7 @@ class ModelProcess:
                 proc.join(5)
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             self._stop()
+        self._watchdog.join(5)

@@ -8,6 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from app.core.model_host import ModelHostClient
+from app.core.model_process import ModelProcess
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -21,8 +22,9 @@ def read_health() -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 def read_ready(request: Request) -> JSONResponse:
-    """Ready when the database answers and the A/B models are loaded (and, when the workers share
-    one model process, that it answers); else 503 with the reason."""
+    """Ready when the database answers and the A/B models are loaded and, when they run in a
+    process of their own (this worker's, or one shared by all workers), that it is up; else 503
+    with the reason."""
     state = request.app.state
     try:
         with state.engine.connect() as conn:
@@ -33,9 +35,11 @@ def read_ready(request: Request) -> JSONResponse:
     if state.classifier is None:
         body = Health(status="unavailable", detail=state.models_error)
         return JSONResponse(body.model_dump(), status_code=503)
-    if isinstance(state.runner, ModelHostClient) and (problem := state.runner.ping()):
-        # The shared model process is down or hung; the serve command is restarting it.
-        body = Health(status="unavailable", detail=f"{problem}; it is being restarted")
+    if isinstance(state.runner, ModelHostClient | ModelProcess) and (
+        problem := state.runner.ping()
+    ):
+        # Down or hung: the serve command (shared) or the worker's watchdog is replacing it.
+        body = Health(status="unavailable", detail=problem)
         return JSONResponse(body.model_dump(), status_code=503)
     c = state.classifier
     body = Health(
