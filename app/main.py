@@ -85,6 +85,7 @@ def load_models(app: FastAPI) -> None:
                 settings.device,
                 settings.threads,
                 batch_timeout_s=settings.model_timeout_seconds,
+                on_restart=app.state.metrics.model_restarts.labels("worker").inc,
             )
     except (ModelsUnavailable, ModelProcessFailed, CheckpointError, ValueError, OSError) as exc:
         app.state.classifier = None

@@ -122,6 +122,8 @@ def test_a_dead_model_process_is_replaced_before_the_next_request(
         assert runner.pid not in (None, first)  # replaced without a request
         upload = [("files", ("a.png", png_bytes(4), "image/png"))]
         assert client.post("/predict", files=upload).status_code == 200
+        text = client.get("/metrics").text
+        assert 'maxmin_model_process_restarts_total{process="worker"} 1.0' in text, text
     assert runner.ping() == "the model process is shut down"
 
 

@@ -360,3 +360,6 @@ def test_readiness_follows_the_shared_model_process(
             timeout=30,
         )
         assert r.status_code == 200, r.text
+        # Counted by the serve command, summed into /metrics with the workers' counts.
+        text = httpx.get(f"{base}/metrics", headers={"X-API-Key": key}, timeout=10).text
+        assert 'maxmin_model_process_restarts_total{process="shared"} 1.0' in text, text

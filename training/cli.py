@@ -324,25 +324,28 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from app.core.config import Settings
-    from app.core.db import upgrade
-    from app.core.observability import configure_logging
 
-    configure_logging()
     settings = Settings()
-    upgrade(settings.db_url)  # the explicit start-up migration; the app itself only checks
-    _first_admin_key(settings)
     os.environ["WEB_CONCURRENCY"] = str(args.workers)
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each worker writes its metrics here and /metrics sums them (prometheus_client's
         # multiprocess mode); emptied at start, as counters start from zero with the service.
+        # Set before prometheus_client is imported here: it picks its mode at import, and this
+        # process counts the shared model process's restarts.
         metrics_dir = settings.data_dir / "metrics"
         metrics_dir.mkdir(parents=True, exist_ok=True)
         for stale in metrics_dir.glob("*.db"):
             stale.unlink()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    import uvicorn
+
+    from app.core.db import upgrade
+    from app.core.observability import configure_logging
+
+    configure_logging()
+    upgrade(settings.db_url)  # the explicit start-up migration; the app itself only checks
+    _first_admin_key(settings)
     host = _model_host(settings, args.workers)
     base = f"http://{args.host}:{args.port}"
     print(
@@ -380,9 +383,12 @@ def _model_host(settings, workers: int):  # noqa: ANN001, ANN202
                 return None
         except ValueError:
             return None  # the workers report the bad device
+    from prometheus_client import CollectorRegistry
+
     from app.core.db import make_engine, session_factory
     from app.core.model_host import ModelHost
     from app.core.model_process import ModelProcessFailed
+    from app.core.observability import model_restarts_counter
     from app.main import find_run_dir
 
     engine = make_engine(settings.db_url)
@@ -393,8 +399,12 @@ def _model_host(settings, workers: int):  # noqa: ANN001, ANN202
     if run_dir is None:
         return None  # the workers say in /readyz what to do
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) - workers)
+    # Counted here, in the serve command; /metrics sums it with the workers' counts.
+    restarts = model_restarts_counter(CollectorRegistry()).labels("shared")
     try:
-        host = ModelHost(run_dir, settings.ab_models, settings.device, threads)
+        host = ModelHost(
+            run_dir, settings.ab_models, settings.device, threads, on_restart=restarts.inc
+        )
     except ModelProcessFailed as exc:
         print(
             f"warning: no shared model process ({exc}); each worker loads its own", file=sys.stderr

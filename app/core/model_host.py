@@ -26,6 +26,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
 from pathlib import Path
 
@@ -145,7 +146,9 @@ class ModelHost:
         device: str = "auto",
         threads: int = 1,
         start_timeout_s: float = 180.0,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
+        self._on_restart = on_restart  # called each time a new host replaces one (metrics)
         self._folder = tempfile.mkdtemp(prefix="maxmin-models-")  # mode 0700: this user only
         self.address = os.path.join(self._folder, "models.sock")
         self.authkey = os.urandom(32)
@@ -207,6 +210,8 @@ class ModelHost:
             )
             try:
                 self._start()
+                if self._on_restart is not None:
+                    self._on_restart()
             except ModelProcessFailed as exc:
                 log.error("model host did not restart: %s; trying again in 5 s", exc)
                 self._stopping.wait(5)

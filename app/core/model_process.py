@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -72,14 +73,18 @@ class ModelProcess:
         threads: int = 1,
         start_timeout_s: float = 180.0,
         batch_timeout_s: float = 60.0,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         self._args = (str(Path(run_dir).resolve()), list(names), device, threads)
+        self._on_restart = on_restart  # called each time a new process replaces one (metrics)
+        self._starts = 0
         self._start_timeout = start_timeout_s
         self._batch_timeout = batch_timeout_s
         self._lock = threading.Lock()
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._problem: str | None = None  # why no process answers now, for ping()
+        self._ready = False  # the current process has loaded the models
         self._closed = threading.Event()
         self.device = self._start()
         self._watchdog = threading.Thread(
@@ -88,6 +93,7 @@ class ModelProcess:
         self._watchdog.start()
 
     def _start(self) -> str:
+        self._ready = False
         ctx = mp.get_context("spawn")  # no fork of a process that holds threads and a CUDA context
         parent, child = ctx.Pipe()
         proc = ctx.Process(
@@ -109,6 +115,10 @@ class ModelProcess:
             self._stop(kill=True)
             raise ModelProcessFailed(payload)
         log.info("model process %s started on %s", proc.pid, payload)
+        self._ready, self._problem = True, None
+        self._starts += 1
+        if self._starts > 1 and self._on_restart is not None:
+            self._on_restart()
         return payload
 
     @property
@@ -117,12 +127,12 @@ class ModelProcess:
 
     def ping(self) -> str | None:
         """None while the model process is up, else why not: for readiness checks."""
-        proc = self._proc
-        if proc is not None and proc.is_alive():
-            return None
         if self._closed.is_set():
             return "the model process is shut down"
-        if proc is not None:
+        proc = self._proc
+        if self._ready and proc is not None:
+            if proc.is_alive():
+                return None
             return f"the model process exited (code {proc.exitcode}); a new one is starting"
         return self._problem or "the model process is starting"
 
@@ -137,13 +147,13 @@ class ModelProcess:
             with self._lock:
                 if self._closed.is_set() or (self._proc is not None and self._proc.is_alive()):
                     continue
-                code = self._proc.exitcode if self._proc is not None else None
-                self._problem = f"the model process exited (code {code}); a new one is starting"
-                log.error("the model process exited (code %s); starting a new one", code)
+                if self._proc is not None:  # died on its own (else stopped by classify)
+                    code = self._proc.exitcode
+                    self._problem = f"the model process exited (code {code}); a new one is starting"
+                log.error("%s", self._problem or "no model process; starting one")
                 self._stop(kill=True)
                 try:
                     self.device = self._start()
-                    self._problem = None
                     continue
                 except ModelProcessFailed as exc:
                     self._problem = f"the model process cannot start: {exc}"
@@ -164,19 +174,19 @@ class ModelProcess:
                     if not proc.is_alive():
                         raise EOFError
                     if time.monotonic() > deadline:  # hung: never let a request wait forever
-                        self._stop(kill=True)
-                        raise ModelProcessFailed(
+                        self._problem = (
                             f"the model process did not answer within {self._batch_timeout:g} s; "
-                            "it was stopped and a new one starts with the next request"
+                            "it was stopped and a new one is starting"
                         )
+                        self._stop(kill=True)
+                        raise ModelProcessFailed(self._problem)
                 status, payload = conn.recv()
             except (EOFError, OSError):
-                code = proc.exitcode
+                self._problem = (
+                    f"the model process stopped (exit code {proc.exitcode}); a new one is starting"
+                )
                 self._stop(kill=True)
-                raise ModelProcessFailed(
-                    f"the model process stopped (exit code {code}); a new one starts with the "
-                    "next request"
-                ) from None
+                raise ModelProcessFailed(self._problem) from None
         if status != "ok":
             raise ModelProcessFailed(payload)
         return payload

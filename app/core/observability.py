@@ -63,12 +63,25 @@ class Metrics:
         self.disagreements = Counter(
             "maxmin_disagreements", "Images the A/B models disagree on", registry=self.registry
         )
+        self.model_restarts = model_restarts_counter(self.registry)
         self.batch_size = Histogram(
             "maxmin_inference_batch_size",
             "Images per pass",
             registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
         )
+
+
+def model_restarts_counter(registry: CollectorRegistry) -> Counter:
+    """Model processes replaced after dying or hanging, by which process: a worker's own
+    (``worker``) or the one shared by all workers (``shared``, counted by the serve command).
+    More than a few an hour points to memory or a driver: alert on its rate."""
+    return Counter(
+        "maxmin_model_process_restarts",
+        "Model processes replaced after dying or hanging",
+        ["process"],
+        registry=registry,
+    )
 
 
 class JsonFormatter(logging.Formatter):
