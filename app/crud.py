@@ -263,6 +263,8 @@ class PredictionFilter:
     labelled: bool | None = None
     disagree: bool | None = None
     predicted: str | None = None
+    # Only predictions made by exactly these model versions (name -> version), when given.
+    versions: dict[str, str] | None = None
 
 
 def _filtered(query: Select, f: PredictionFilter) -> Select:
@@ -283,6 +285,11 @@ def _filtered(query: Select, f: PredictionFilter) -> Select:
     if f.predicted is not None:
         hit = select(ModelOutput.prediction_id).where(ModelOutput.label == f.predicted)
         query = query.where(Prediction.id.in_(hit))
+    for name, version in (f.versions or {}).items():
+        made = select(ModelOutput.prediction_id).where(
+            ModelOutput.model_name == name, ModelOutput.model_version == version
+        )
+        query = query.where(Prediction.id.in_(made))
     return query
 
 
@@ -304,15 +311,31 @@ def _wilson(correct: int, n: int) -> dict[str, float | None]:
     return {"value": correct / n, "low": float(ci.low), "high": float(ci.high)}
 
 
+def served_versions(classifier) -> dict[str, str]:  # noqa: ANN001 - a Classifier
+    """Model name -> the version being served, as stored with each prediction."""
+    return {name: m.version for name, m in classifier.models.items()}
+
+
 def compute_stats(
     session: Session,
     since: datetime | None,
     until: datetime | None,
     models: list[str],
     classes: list[str],
+    versions: dict[str, str] | None = None,
 ) -> dict:
-    """Live A/B from inspectors' labels: accuracy with intervals, paired test, confusion."""
-    f = PredictionFilter(since=since, until=until)
+    """Live A/B from inspectors' labels: accuracy with intervals, paired test, confusion.
+
+    With ``versions`` (the served models' versions), only the images those exact models
+    classified count: after a retrain the old models' answers would otherwise be mixed into the
+    new models' accuracy. How many labelled images that leaves out is reported."""
+    f = PredictionFilter(since=since, until=until, versions=versions)
+    other_labelled = 0
+    if versions:
+        every = PredictionFilter(since=since, until=until, labelled=True)
+        other_labelled = session.execute(
+            _filtered(select(func.count(Prediction.id)), every)
+        ).scalar_one()
     total = session.execute(_filtered(select(func.count(Prediction.id)), f)).scalar_one()
     agree = session.execute(
         _filtered(select(func.count(Prediction.id)), f).where(Prediction.agree.is_(True))
@@ -391,6 +414,8 @@ def compute_stats(
         "labelled": len(truth),
         "unlabelled": total - len(truth),
         "agreement_rate": agree / total if total else None,
+        "versions": versions,
+        "labelled_other_versions": other_labelled - len(truth) if versions else 0,
         "models": per_model,
         "paired": paired,
     }

@@ -121,6 +121,12 @@ class StatsPublic(BaseModel):
     labelled: int
     unlabelled: int
     agreement_rate: float | None
+    versions: dict[str, str] | None = Field(
+        description="the model versions counted (the served ones), or null for every version"
+    )
+    labelled_other_versions: int = Field(
+        description="labelled images classified by other model versions, left out of these figures"
+    )
     models: dict[str, ModelStats]
     paired: PairedStats | None
 

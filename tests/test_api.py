@@ -299,6 +299,41 @@ def test_stats_match_the_labels(client: TestClient) -> None:
     assert client.get("/stats?since=2999-01-01T00:00:00Z").json()["predictions"] == 0
 
 
+def test_stats_count_only_the_served_model_versions(client: TestClient) -> None:
+    """After a retrain, the old models' answers must not be mixed into the new models' figures."""
+    from sqlalchemy import update
+
+    from app.tables import ModelOutput
+
+    preds = [predict(client, png_bytes(i)).json()["data"][0] for i in range(5)]
+    for p in preds[:4]:
+        client.put(f"/predictions/{p['id']}/label", json={"label": "good"})
+    old = [preds[0]["id"], preds[4]["id"]]  # as if an earlier run's models had classified these
+    with client.app.state.sessions() as session:
+        session.execute(
+            update(ModelOutput)
+            .where(ModelOutput.prediction_id.in_(old))
+            .values(model_version="baseline-seed0:0123456789ab")
+        )
+        session.commit()
+    served = client.get("/stats").json()
+    assert served["predictions"] == 3 and served["labelled"] == 3 and served["unlabelled"] == 0
+    assert served["labelled_other_versions"] == 1  # preds[0]; preds[4] has no label
+    assert served["versions"] == {
+        n: preds[1]["results"][n]["model_version"] for n in served["versions"]
+    }
+    for name, m in served["models"].items():
+        assert m["labelled"] == 3
+        right = sum(p["results"][name]["label"] == "good" for p in preds[1:4])
+        assert m["correct"] == right
+    every = client.get("/stats?scope=all").json()
+    assert every["predictions"] == 5 and every["labelled"] == 4 and every["versions"] is None
+    assert every["labelled_other_versions"] == 0
+    assert client.get("/stats?scope=some").status_code == 422
+    page = client.get("/dashboard").text
+    assert "1 labelled image(s) classified by earlier model versions are left out" in page
+
+
 def test_reports_api_and_page(client: TestClient, run_dir: Path) -> None:
     from app.crud import register_run
 

@@ -11,7 +11,13 @@ from fastapi.templating import Jinja2Templates
 from app.api.deps import SessionDep
 from app.api.routes.predictions import to_public
 from app.core.security import RANK, Principal, authenticate, check_csrf, csrf_token, find_key
-from app.crud import PredictionFilter, compute_stats, list_predictions, list_runs
+from app.crud import (
+    PredictionFilter,
+    compute_stats,
+    list_predictions,
+    list_runs,
+    served_versions,
+)
 from training.report import accuracy_cost_chart
 
 router = APIRouter(include_in_schema=False)
@@ -122,7 +128,14 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
     latest = runs[0] if runs else None
     stats = None
     if classifier is not None:
-        stats = compute_stats(session, None, None, list(classifier.models), classifier.classes)
+        stats = compute_stats(
+            session,
+            None,
+            None,
+            list(classifier.models),
+            classifier.classes,
+            served_versions(classifier),
+        )
     disagreements, _ = list_predictions(session, PredictionFilter(disagree=True), 0, 12)
     return templates.TemplateResponse(
         request,
