@@ -18,7 +18,16 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.middleware.sessions import SessionMiddleware
 
-from app.api.routes import health, images, metrics, pages, predictions, reports, stats
+from app.api.routes import (
+    health,
+    images,
+    metrics,
+    pages,
+    predictions,
+    reports,
+    stats,
+    training,
+)
 from app.core.batcher import MicroBatcher
 from app.core.config import Settings, get_settings
 from app.core.db import check_schema, make_engine, session_factory, write_lock
@@ -153,7 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.add_middleware(ObserveMiddleware)
-    for module in (health, metrics, predictions, images, stats, reports, pages):
+    for module in (health, metrics, predictions, images, stats, reports, training, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 

@@ -155,3 +155,60 @@ class Health(BaseModel):
     detail: str | None = None
     models: dict[str, str] = {}
     run: str | None = None
+
+
+class TrainingRequest(BaseModel):
+    """A PoC training run on one dataset folder under the datasets directory."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"dataset": "line3-parts", "epochs": 30, "seeds": 3}]},
+    )
+
+    dataset: str = Field(min_length=1, max_length=100, description="a folder name, no path")
+    models: list[str] = Field(
+        default=["baseline", "maxmin", "maxmin_half"], min_length=1, max_length=10
+    )
+    epochs: int = Field(default=30, ge=1, le=500)
+    seeds: int = Field(default=3, ge=1, le=10)
+    size: int = Field(default=64, ge=16, le=512, description="input side in pixels")
+
+
+class TrainingProgress(BaseModel):
+    stage: str  # starting, decoding, training, reporting
+    epochs_done: int | None = None
+    epochs_total: int | None = None
+    detail: str | None = None
+    eta_seconds: float | None = None
+    updated_at: str | None = None
+
+
+class TrainingJobPublic(BaseModel):
+    id: int
+    state: str  # running, done, failed, cancelled
+    dataset: str
+    options: dict
+    requested_by: str
+    created_at: datetime
+    finished_at: datetime | None
+    message: str | None
+    run_dir: str
+    report_url: str | None
+    progress: TrainingProgress | None
+
+
+class TrainingJobsPublic(BaseModel):
+    data: list[TrainingJobPublic]
+    count: int
+
+
+class DatasetInfo(BaseModel):
+    name: str
+    classes: list[str]
+    images: int
+    problem: str | None = None
+
+
+class DatasetsPublic(BaseModel):
+    root: str
+    data: list[DatasetInfo]

@@ -59,6 +59,8 @@ ROUTES = [
     ("GET", "/reports", "manager", {}),
     ("GET", "/reports/{run_id}", "manager", {}),
     ("GET", "/metrics", "manager", {}),
+    ("GET", "/training/datasets", "admin", {}),
+    ("GET", "/training/jobs", "admin", {}),
 ]
 
 
@@ -90,7 +92,9 @@ def test_role_boundaries(env: dict, method: str, path: str, lowest: str, kwargs:
         assert r.status_code == 200, (role, r.status_code, r.text[:200])
 
 
-@pytest.mark.parametrize(("path", "lowest"), [("/", "inspector"), ("/dashboard", "manager")])
+@pytest.mark.parametrize(
+    ("path", "lowest"), [("/", "inspector"), ("/dashboard", "manager"), ("/training", "admin")]
+)
 def test_pages_need_a_login_of_the_right_role(env: dict, path: str, lowest: str) -> None:
     client = env["client"]
     r = client.get(path, follow_redirects=False)

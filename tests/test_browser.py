@@ -20,7 +20,8 @@ import pytest
 
 from app.core.db import make_engine, session_factory, upgrade
 from app.crud import register_run
-from tests.service import make_key, png_bytes, train_small_run
+from tests.conftest import write_folder
+from tests.service import CLASSES, make_key, png_bytes, train_small_run
 
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -54,7 +55,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
     root = tmp_path_factory.mktemp("browser")
     run_dir = train_small_run(root)
     url = f"sqlite:///{root / 'var' / 'maxmin.db'}"
@@ -64,9 +65,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
         register_run(session, run_dir)
     engine.dispose()
     manager_key = make_key(url, "manager", "anna (line manager)")
+    admin_key = make_key(url, "admin", "ole (engineer)")
+    write_folder(root / "datasets" / "line 3 parts", {c: 10 for c in CLASSES}, easy=True)
     port = _free_port()
     env = {
         **os.environ,
+        "MAXMIN_DATASETS_DIR": str(root / "datasets"),
+        "MAXMIN_RUNS_DIR": str(root / "runs"),
         "MAXMIN_DATA_DIR": str(root / "var"),
         "DATABASE_URL": url,
         "MAXMIN_RUN_DIR": str(run_dir),
@@ -90,15 +95,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("the service did not become ready within 60 s")
             time.sleep(0.3)
-        yield base, manager_key
+        yield base, manager_key, admin_key
     finally:
         proc.terminate()
         proc.wait(timeout=20)
 
 
-def test_upload_label_and_see_it_on_the_dashboard(server: tuple[str, str], tmp_path: Path) -> None:
+def test_upload_label_and_see_it_on_the_dashboard(
+    server: tuple[str, str, str], tmp_path: Path
+) -> None:
     executable = _chromium()
-    server, key = server
+    server, key, _ = server
     from playwright.sync_api import expect, sync_playwright
 
     image = tmp_path / "part-0042.png"
@@ -129,5 +136,40 @@ def test_upload_label_and_see_it_on_the_dashboard(server: tuple[str, str], tmp_p
             expect(page.locator("#live")).to_contain_text("maxmin")
             page.goto(f"{server}/")
             expect(page.locator("#recent")).to_contain_text("scratch")
+        finally:
+            browser.close()
+
+
+def test_the_engineer_trains_from_the_page_and_opens_the_report(
+    server: tuple[str, str, str],
+) -> None:
+    executable = _chromium()
+    server, manager_key, admin_key = server
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/login?next=/training")
+            page.fill("#key", manager_key)  # a manager may not train
+            page.click("#login-button")
+            expect(page.locator("body")).to_contain_text("this page needs an admin key")
+            page.context.clear_cookies()
+            page.goto(f"{server}/login?next=/training")
+            page.fill("#key", admin_key)
+            page.click("#login-button")
+            expect(page).to_have_url(f"{server}/training")
+            expect(page.locator("#datasets")).to_contain_text("line 3 parts")
+            page.uncheck("input[name=models][value=maxmin_half]")
+            page.fill("input[name=epochs]", "2")
+            page.fill("input[name=seeds]", "1")
+            page.fill("input[name=size]", "24")
+            page.click("#start")
+            expect(page.locator("#status")).to_contain_text("started on line 3 parts")
+            job = page.locator("tr.job").first
+            expect(job.locator(".state")).to_have_text("done", timeout=180_000)
+            job.locator("a", has_text="report").click()
+            expect(page.locator("body")).to_contain_text("maxmin")
         finally:
             browser.close()

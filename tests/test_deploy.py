@@ -25,6 +25,9 @@ def test_compose_file_wires_the_service_to_postgres() -> None:
     assert "healthcheck" in db and db["volumes"][0].startswith("pgdata:")
     assert {"pgdata", "images"} <= set(compose["volumes"])
     assert any(v.startswith("images:") for v in app["volumes"])
+    # The training page writes runs and reads datasets.
+    assert "./runs:/runs" in app["volumes"] and "./datasets:/datasets:ro" in app["volumes"]
+    assert app["environment"]["MAXMIN_DATASETS_DIR"] == "/datasets"
 
 
 def test_dockerfile_runs_as_non_root_with_the_tested_start_up() -> None:

@@ -137,6 +137,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="do not register the finished run in the service's database",
     )
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument(
+        "--status-file",
+        type=Path,
+        default=None,
+        help="keep a JSON file of the run's stage, progress and outcome up to date (the "
+        "service's training page reads it)",
+    )
+    t.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="lower this process's CPU priority by N (e.g. 10 beside a serving service)",
+    )
 
     r = sub.add_parser(
         "report",
@@ -207,6 +220,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from training.progress import StatusFile
+
+    if args.nice:
+        os.nice(args.nice)
+    status = StatusFile(args.status_file)
+    status.update(state="starting")
+    try:
+        run_dir = _train_run(args, status)
+    except KeyboardInterrupt:
+        status.update(state="failed", message="interrupted")
+        raise
+    except Exception as exc:
+        status.update(state="failed", message=str(exc) or type(exc).__name__)
+        raise
+    status.update(state="done", run_dir=str(run_dir))
+    return 0
+
+
+def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
     from training.engine import TrainConfig
     from training.poc import PocConfig, run_poc
 
@@ -248,7 +280,7 @@ def _train(args: argparse.Namespace) -> int:
         latency_budget_s=args.latency_seconds,
         progress=not args.quiet,
     )
-    run_dir = run_poc(cfg)
+    run_dir = run_poc(cfg, on_progress=status.update)
     import json
 
     report = json.loads((run_dir / "report.json").read_text())
@@ -265,7 +297,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"\nReport: {run_dir / 'report.html'}")
     print(f"        {run_dir / 'report.json'}")
     print(f"Checkpoints: {run_dir / 'checkpoints'}")
-    return 0
+    return run_dir
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,8 +52,12 @@ def _model_kwargs(ds: Dataset) -> dict[str, int]:
     return {"num_classes": len(ds.classes), "in_channels": ds.channels, "image_size": ds.size}
 
 
-def run_poc(cfg: PocConfig) -> Path:
-    """Train, evaluate and measure each model for each seed; write checkpoints and the report."""
+def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> Path:
+    """Train, evaluate and measure each model for each seed; write checkpoints and the report.
+
+    ``on_progress(**fields)`` hears each stage (``state``: decoding, training, reporting) and,
+    while training, each epoch: epochs done and in all, the model and seed, seconds left."""
+    progress = on_progress or (lambda **_: None)
     for name in cfg.models:
         if name not in list_models():
             raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
@@ -62,6 +67,7 @@ def run_poc(cfg: PocConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    progress(state="decoding")
     ds = load_dataset(
         Path(cfg.data),
         size=cfg.size,
@@ -79,19 +85,40 @@ def run_poc(cfg: PocConfig) -> Path:
     results: dict[str, list[RunResult]] = {m: [] for m in cfg.models}
     seeds = list(range(cfg.seeds))
     total = len(seeds) * len(cfg.models) * cfg.train.epochs
+    progress(state="training", epochs_done=0, epochs_total=total)
+    train_start = time.perf_counter()
+    done = 0  # epochs counted here: a disabled progress bar counts nothing
     with tqdm(total=total, desc="training", unit="epoch", disable=not cfg.progress) as bar:
+
+        def report_epochs(arch: str, seed: int, detail: str) -> None:
+            spent = time.perf_counter() - train_start
+            left = spent / done * (total - done) if done else None
+            progress(
+                epochs_done=done,
+                model=arch,
+                seed=seed,
+                detail=detail,
+                eta_seconds=round(left, 1) if left is not None else None,
+            )
+
         for seed in seeds:
             for arch in cfg.models:
 
                 def on_epoch(
                     epoch: int, loss: float, acc: float, arch: str = arch, seed: int = seed
                 ) -> None:
-                    bar.set_postfix_str(f"{arch} seed {seed} loss {loss:.3f} val {acc:.3f}")
+                    nonlocal done
+                    detail = f"{arch} seed {seed} loss {loss:.3f} val {acc:.3f}"
+                    bar.set_postfix_str(detail)
                     bar.update(1)
+                    done += 1
+                    report_epochs(arch, seed, detail)
 
                 res = fit(arch, kwargs, splits, mean, std, seed, cfg.train, on_epoch=on_epoch)
                 bar.update(cfg.train.epochs - len(res.train_loss))  # a run stopped early
+                done += cfg.train.epochs - len(res.train_loss)
                 results[arch].append(res)
+    progress(state="reporting", epochs_done=total, eta_seconds=None)
     meta_common = {
         "model_kwargs": kwargs,
         "classes": ds.classes,

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     )
     runs_dir: Path = Path("runs")  # where `maxmin-inspect train` writes its run directories
     run_dir: Path | None = None  # serve this run's checkpoints; default: the newest registered run
+    # The training page trains on the folders directly under this one (default <data_dir>/datasets)
+    datasets_dir: Path | None = None
     ab_models: list[str] = ["baseline", "maxmin"]  # the models each image is classified by
     device: str = "auto"  # auto: CUDA when present, the CPU otherwise
     torch_threads: int = 0  # 0: see Settings.threads
@@ -85,6 +87,10 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+    @property
+    def training_datasets_dir(self) -> Path:
+        return self.datasets_dir or self.data_dir / "datasets"
 
     @property
     def db_url(self) -> str:

@@ -11,6 +11,7 @@ from fastapi.templating import Jinja2Templates
 from app.api.deps import SessionDep
 from app.api.routes.predictions import to_public
 from app.core.security import RANK, Principal, authenticate, check_csrf, csrf_token, find_key
+from app.core.training_jobs import list_datasets
 from app.crud import (
     PredictionFilter,
     compute_stats,
@@ -18,6 +19,8 @@ from app.crud import (
     list_runs,
     served_versions,
 )
+from app.schemas import TrainingRequest
+from models import list_models
 from training.report import accuracy_cost_chart
 
 router = APIRouter(include_in_schema=False)
@@ -147,6 +150,28 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
             "stats": stats,
             "disagreements": [to_public(p) for p in disagreements],
             "models_error": request.app.state.models_error,
+            "who": who,
+            "csrf": csrf_token(request),
+        },
+    )
+
+
+@router.get("/training", response_class=HTMLResponse)
+def training_page(request: Request) -> Response:
+    """The engineer's page: start a PoC run on a dataset folder, follow it, open its report."""
+    who = _page_user(request, "admin")
+    if not isinstance(who, Principal):
+        return who
+    settings = request.app.state.settings
+    root = settings.training_datasets_dir
+    return templates.TemplateResponse(
+        request,
+        "training.html",
+        {
+            "root": root.resolve(),
+            "datasets": list_datasets(root),
+            "models": list_models(),
+            "defaults": TrainingRequest.model_fields,
             "who": who,
             "csrf": csrf_token(request),
         },

@@ -1,0 +1,185 @@
+"""Training from the service: a real trainer process per job, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from app.core.config import Settings
+from app.core.db import upgrade
+from app.main import create_app
+from app.tables import Run, TrainingJob
+from tests.conftest import write_folder
+from tests.service import CLASSES, make_key, postgres_database
+
+SMALL = {"models": ["baseline", "maxmin"], "epochs": 2, "seeds": 1, "size": 24}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def datasets(tmp_path: Path) -> Path:
+    root = tmp_path / "datasets"
+    write_folder(root / "parts", {c: 10 for c in CLASSES}, easy=True)
+    write_folder(root / "one class", {"good": 6})
+    for cls in ("a", "b"):  # names that look like images, bytes that are not
+        (root / "junk" / cls).mkdir(parents=True)
+        for i in range(4):
+            (root / "junk" / cls / f"{i}.png").write_bytes(b"not an image %d" % i)
+    return root
+
+
+@pytest.fixture
+def client(db_url: str, datasets: Path, tmp_path: Path) -> Iterator[TestClient]:
+    upgrade(db_url)
+    settings = Settings(
+        data_dir=tmp_path / "var",
+        database_url=db_url,
+        runs_dir=tmp_path / "runs",
+        datasets_dir=datasets,
+        device="cpu",
+    )
+    with TestClient(create_app(settings), headers={"X-API-Key": make_key(db_url)}) as c:
+        yield c
+
+
+def wait_until_ended(client: TestClient, job_id: int, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/training/jobs/{job_id}").json()
+        if job["state"] != "running":
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+
+
+def rows(client: TestClient, table: type) -> int:
+    with client.app.state.sessions() as session:
+        return session.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def test_a_job_trains_and_registers_its_report(client: TestClient) -> None:
+    listed = client.get("/training/datasets").json()
+    by_name = {d["name"]: d for d in listed["data"]}
+    assert by_name["parts"]["classes"] == CLASSES and by_name["parts"]["images"] == 30
+    r = client.post("/training/jobs", json={"dataset": "parts", **SMALL})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] == "running" and job["options"] == SMALL
+    again = client.post("/training/jobs", json={"dataset": "parts", **SMALL})
+    assert again.status_code == 409
+    assert f"job {job['id']} is still running" in again.json()["detail"]
+    seen_stages = set()
+    deadline = time.monotonic() + 240
+    while (cur := client.get(f"/training/jobs/{job['id']}").json())["state"] == "running":
+        if cur["progress"]:
+            seen_stages.add(cur["progress"]["stage"])
+        assert time.monotonic() < deadline, cur
+        time.sleep(0.1)
+    assert cur["state"] == "done", cur
+    assert seen_stages, "progress was never reported while running"
+    report = client.get(cur["report_url"]).json()
+    assert set(report["report"]["models"]) == {"baseline", "maxmin"}
+    assert report["verdict"] == cur["message"]
+    assert Path(report["run_dir"]) == Path(cur["run_dir"])
+    status = json.loads((Path(cur["run_dir"]) / "status.json").read_text())
+    assert status["state"] == "done" and status["epochs_done"] == status["epochs_total"] == 4
+    assert client.get("/reports").json()["count"] == 1
+    listed = client.get("/training/jobs").json()
+    assert [j["id"] for j in listed["data"]] == [job["id"]]
+    # The slot is free again.
+    nxt = client.post("/training/jobs", json={"dataset": "parts", **SMALL, "epochs": 1})
+    assert nxt.status_code == 202, nxt.text
+    assert wait_until_ended(client, nxt.json()["id"])["state"] == "done"
+    assert client.get("/reports").json()["count"] == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"dataset": "../parts"}, "is not a folder name"),
+        ({"dataset": "parts/../parts"}, "is not a folder name"),
+        ({"dataset": "nope"}, "no dataset folder named 'nope'"),
+        ({"dataset": "one class"}, "at least two class folders"),
+        ({"dataset": "parts", "models": ["resnet"]}, "unknown model(s) resnet"),
+        ({"dataset": "parts", "epochs": 0}, "greater than or equal to 1"),
+        ({"dataset": "parts", "size": 4096}, "less than or equal to 512"),
+        ({"dataset": "parts", "shell": "rm -rf /"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_request_is_refused_naming_the_problem(
+    client: TestClient, body: dict, detail: str
+) -> None:
+    r = client.post("/training/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert detail in json.dumps(r.json()["detail"])
+    assert rows(client, TrainingJob) == 0
+
+
+def test_only_admins_train(client: TestClient, db_url: str) -> None:
+    for role in ("line", "inspector", "manager"):
+        key = make_key(db_url, role)
+        r = client.post("/training/jobs", json={"dataset": "parts"}, headers={"X-API-Key": key})
+        assert r.status_code == 403, r.text
+        assert client.get("/training/jobs", headers={"X-API-Key": key}).status_code == 403
+    assert rows(client, TrainingJob) == 0
+    page = client.get("/training", headers={"X-API-Key": make_key(db_url, "manager")})
+    assert page.status_code == 403 and "needs an <strong>admin</strong> key" in page.text
+    page = client.get("/training")  # the client's own key is an admin's
+    assert page.status_code == 200
+    assert 'value="parts" id="ds-' in page.text and "/static/training.js" in page.text
+    one_class = page.text.split('value="one class"')[1].split("</tr>")[0]
+    assert "disabled" in one_class and "needs at least two class folders" in one_class
+
+
+def test_a_failing_run_ends_with_the_trainers_message(client: TestClient) -> None:
+    r = client.post("/training/jobs", json={"dataset": "junk", **SMALL})
+    assert r.status_code == 202, r.text  # the names look fine; only decoding finds out
+    job = wait_until_ended(client, r.json()["id"])
+    assert job["state"] == "failed" and job["report_url"] is None
+    assert "usable" in job["message"] or "image" in job["message"], job["message"]
+    assert rows(client, Run) == 0
+
+
+def test_cancel_stops_the_trainer_and_frees_the_slot(client: TestClient) -> None:
+    r = client.post("/training/jobs", json={"dataset": "parts", **SMALL, "epochs": 500})
+    job = r.json()
+    with client.app.state.sessions() as session:
+        pid = session.get(TrainingJob, job["id"]).pid
+    assert psutil.pid_exists(pid)
+    deadline = time.monotonic() + 60
+    while not (client.get(f"/training/jobs/{job['id']}").json()["progress"] or {}).get(
+        "eta_seconds"
+    ):  # epochs counted, and the time left estimated from them
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    progress = client.get(f"/training/jobs/{job['id']}").json()["progress"]
+    assert progress["stage"] == "training" and progress["epochs_total"] == 2 * 500
+    assert 1 <= progress["epochs_done"] < 1000 and "seed 0" in progress["detail"]
+    r = client.post(f"/training/jobs/{job['id']}/cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "cancelled" and r.json()["message"] == "cancelled by test-admin"
+    gone = not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert gone
+    time.sleep(0.5)  # the worker's reaper has seen the exit: the state stays cancelled
+    assert client.get(f"/training/jobs/{job['id']}").json()["state"] == "cancelled"
+    assert client.post(f"/training/jobs/{job['id']}/cancel").status_code == 409
+    assert client.post("/training/jobs/999/cancel").status_code == 404
+    assert rows(client, Run) == 0
+    r = client.post("/training/jobs", json={"dataset": "parts", **SMALL, "epochs": 1})
+    assert r.status_code == 202, r.text
+    assert wait_until_ended(client, r.json()["id"])["state"] == "done"
