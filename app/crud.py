@@ -461,3 +461,17 @@ def list_runs(session: Session, limit: int | None = None) -> list[Run]:
 def latest_run(session: Session) -> Run | None:
     runs = list_runs(session, limit=1)
     return runs[0] if runs else None
+
+
+def serving_run(session: Session) -> Run | None:
+    """The run the service serves: the one most recently registered or chosen to serve."""
+    chosen = func.coalesce(Run.served_at, Run.registered_at)
+    query = select(Run).order_by(chosen.desc(), Run.id.desc()).limit(1)
+    return session.execute(query).scalar_one_or_none()
+
+
+def choose_to_serve(session: Session, run: Run) -> Run:
+    """Make ``run`` the one the service serves; every worker switches to it within seconds."""
+    run.served_at = utcnow()
+    session.commit()
+    return run

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import gc
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -16,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.api.routes import (
@@ -33,13 +37,13 @@ from app.core.config import Settings, get_settings
 from app.core.db import check_schema, make_engine, session_factory, write_lock
 from app.core.inference import Classifier, ModelsUnavailable
 from app.core.limits import BodyLimitMiddleware
-from app.core.model_host import ModelHostClient
+from app.core.model_host import HostRun, ModelHostClient
 from app.core.model_process import ModelProcess, ModelProcessFailed
 from app.core.observability import Metrics, ObserveMiddleware
 from app.core.security import KeyCache, session_secret
 from app.core.storage import ImageStore
 from app.core.writer import GroupWriter
-from app.crud import latest_run
+from app.crud import serving_run
 from training.checkpoint import CheckpointError
 
 log = logging.getLogger("maxmin_inspect")
@@ -47,12 +51,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def find_run_dir(settings: Settings, sessions) -> Path | None:  # noqa: ANN001
-    """The run to serve: the setting, else the newest registered run, else the newest on disk."""
+    """The run to serve: the setting, else the registered run most recently registered or chosen
+    to serve (`POST /reports/{id}/serve`), else the newest on disk."""
     if settings.run_dir is not None:
         return settings.run_dir
     try:
         with sessions() as session:
-            run = latest_run(session)
+            run = serving_run(session)
         if run is not None and Path(run.run_dir).is_dir():
             return Path(run.run_dir)
     except DBAPIError:
@@ -61,45 +66,136 @@ def find_run_dir(settings: Settings, sessions) -> Path | None:  # noqa: ANN001
     return found[-1].parent if found else None
 
 
-def load_models(app: FastAPI) -> None:
-    """(Re)load the A/B models; on failure keep serving and say why in /readyz."""
+LOAD_ERRORS = (ModelsUnavailable, ModelProcessFailed, CheckpointError, ValueError, OSError)
+
+
+def build_models(app: FastAPI, run_dir: Path) -> tuple[Classifier, object]:
+    """The classifier (decoding, classes, versions) and the runner of the models for ``run_dir``.
+
+    Raises one of LOAD_ERRORS, naming the problem."""
     settings: Settings = app.state.settings
+    if settings.model_host:
+        # `serve` with several workers: the models run once, in the host it started.
+        if getattr(app.state, "host", None) is None:
+            app.state.host = ModelHostClient(
+                settings.model_host,
+                bytes.fromhex(settings.model_host_key or ""),
+                settings.model_timeout_seconds,
+            )
+        runner = HostRun(app.state.host, run_dir)
+        return Classifier(run_dir, settings.ab_models, "cpu"), runner
+    # With a model process, this copy only decodes and names things: it stays on the CPU.
+    device = "cpu" if settings.model_process else settings.device
+    classifier = Classifier(run_dir, settings.ab_models, device)
+    if not settings.model_process:
+        return classifier, classifier
+    runner = ModelProcess(
+        run_dir,
+        settings.ab_models,
+        settings.device,
+        settings.threads,
+        batch_timeout_s=settings.model_timeout_seconds,
+        on_restart=app.state.metrics.model_restarts.labels("worker").inc,
+    )
+    return classifier, runner
+
+
+def install_models(app: FastAPI, classifier: Classifier, runner: object) -> tuple:
+    """Serve ``classifier`` through ``runner`` from now on; returns what served before.
+
+    A request takes the classifier once and sends its images to that classifier's own batcher, so
+    a request that began before a switch is finished by the models it was decoded for."""
+    settings: Settings = app.state.settings
+    batcher = MicroBatcher(
+        runner, settings.batch_max_size, settings.batch_wait_ms, settings.queue_max
+    )
+    classifier.batcher = batcher
+    old = (app.state.classifier, app.state.runner, app.state.batcher)
+    app.state.runner, app.state.batcher = runner, batcher
+    app.state.classifier = classifier  # last: requests see the new models from here on
+    app.state.models_error = app.state.reload_error = None
+    return old
+
+
+def _close_models(runner: object, batcher: MicroBatcher | None) -> None:
+    if batcher is not None:
+        batcher.close()
+    if isinstance(runner, ModelProcess | HostRun):
+        runner.close()
+
+
+def retire_models(app: FastAPI, old: tuple, grace_s: float) -> None:
+    """Close what served before, once the requests that still hold it are done (or at shutdown,
+    whichever comes first)."""
+    _, runner, batcher = old
+    timer = threading.Timer(grace_s, _close_models, (runner, batcher))
+    timer.daemon = True
+    app.state.retiring.append((timer, runner, batcher))
+    timer.start()
+
+
+def load_models(app: FastAPI) -> None:
+    """Load the A/B models at start; on failure keep serving and say why in /readyz."""
+    settings: Settings = app.state.settings
+    app.state.classifier = app.state.runner = app.state.batcher = None
+    app.state.models_error = app.state.reload_error = None
+    app.state.failed_run = None
     run_dir = find_run_dir(settings, app.state.sessions)
-    app.state.classifier, app.state.models_error = None, None
     if run_dir is None:
         app.state.models_error = (
             f"no trained models found in {settings.runs_dir}: run `maxmin-inspect train DATA`"
         )
         return
     try:
-        if settings.model_host:
-            # `serve` with several workers: the models run once, in the host it started.
-            host = ModelHostClient(
-                settings.model_host,
-                bytes.fromhex(settings.model_host_key or ""),
-                settings.model_timeout_seconds,
-            )
-            app.state.runner = host
-            run_dir = host.run_dir
-            app.state.classifier = Classifier(run_dir, settings.ab_models, "cpu")
-            return
-        # With a model process, this copy only decodes and names things: it stays on the CPU.
-        device = "cpu" if settings.model_process else settings.device
-        app.state.classifier = Classifier(run_dir, settings.ab_models, device)
-        app.state.runner = app.state.classifier
-        if settings.model_process:
-            app.state.runner = ModelProcess(
-                run_dir,
-                settings.ab_models,
-                settings.device,
-                settings.threads,
-                batch_timeout_s=settings.model_timeout_seconds,
-                on_restart=app.state.metrics.model_restarts.labels("worker").inc,
-            )
-    except (ModelsUnavailable, ModelProcessFailed, CheckpointError, ValueError, OSError) as exc:
-        app.state.classifier = None
+        install_models(app, *build_models(app, run_dir))
+    except LOAD_ERRORS as exc:
         app.state.models_error = f"cannot load models from {run_dir}: {exc}"
+        app.state.failed_run = (Path(run_dir).resolve(), time.monotonic())
         log.error(app.state.models_error)
+
+
+def follow_served_run(app: FastAPI, retry_s: float = 60.0) -> bool:
+    """Switch to the run the service should serve when it has changed (a new run registered, or
+    one chosen to serve): load it beside the current models, then swap. A run that cannot be
+    loaded leaves the current models serving, says why in /readyz, and is tried again after
+    ``retry_s``. True when it switched."""
+    settings: Settings = app.state.settings
+    run_dir = find_run_dir(settings, app.state.sessions)
+    if run_dir is None:
+        return False
+    run_dir = Path(run_dir).resolve()
+    current = app.state.classifier
+    if current is not None and current.run_dir.resolve() == run_dir:
+        app.state.reload_error = app.state.failed_run = None  # e.g. a failed choice undone
+        return False
+    failed = app.state.failed_run
+    if failed is not None and failed[0] == run_dir and time.monotonic() - failed[1] < retry_s:
+        return False
+    try:
+        classifier, runner = build_models(app, run_dir)
+    except LOAD_ERRORS as exc:
+        app.state.failed_run = (run_dir, time.monotonic())
+        problem = f"cannot load models from {run_dir}: {exc}"
+        log.error(problem)
+        if current is None:
+            app.state.models_error = problem
+        else:
+            app.state.reload_error = f"{problem}; still serving {current.run_dir}"
+        return False
+    old = install_models(app, classifier, runner)
+    app.state.failed_run = None
+    retire_models(app, old, grace_s=settings.model_timeout_seconds)
+    log.info("now serving the models of %s", run_dir)
+    return True
+
+
+async def _follow(app: FastAPI, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await run_in_threadpool(follow_served_run, app)
+        except Exception:  # noqa: BLE001 - keep following; the log says what went wrong
+            log.exception("could not check which run to serve")
 
 
 @asynccontextmanager
@@ -112,29 +208,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
     app.state.store = ImageStore(settings.images_dir)
+    app.state.host = None
+    app.state.retiring = []
     load_models(app)
     app.state.writer = GroupWriter(
         app.state.sessions, app.state.store, write_lock=write_lock(settings.db_url)
     )
     app.state.decode_pool = ThreadPoolExecutor(settings.core_share, thread_name_prefix="decode")
-    app.state.batcher = None
-    if app.state.classifier is not None:
-        app.state.batcher = MicroBatcher(
-            app.state.runner,
-            settings.batch_max_size,
-            settings.batch_wait_ms,
-            settings.queue_max,
-        )
+    follower = None
+    if settings.reload_seconds > 0 and settings.run_dir is None:
+        follower = asyncio.create_task(_follow(app, settings.reload_seconds))
     # Everything loaded so far lives as long as the service: keep it out of the garbage
     # collector's full passes, which otherwise walk every object of torch, SQLAlchemy and FastAPI
     # (bench/gc_bench.py: about 190 ms per full pass on a 2-core CPU, stalling every request).
     gc.collect()
     gc.freeze()
     yield
-    if app.state.batcher is not None:
-        app.state.batcher.close()
-    if isinstance(getattr(app.state, "runner", None), ModelProcess | ModelHostClient):
-        app.state.runner.close()
+    if follower is not None:
+        follower.cancel()
+    for timer, runner, batcher in app.state.retiring:
+        if timer.is_alive():  # not closed yet: close now, not at the end of its grace
+            timer.cancel()
+            _close_models(runner, batcher)
+    _close_models(app.state.runner, app.state.batcher)
+    if app.state.host is not None:
+        app.state.host.close()
     app.state.writer.close()
     app.state.decode_pool.shutdown(wait=True)
     engine.dispose()

@@ -136,6 +136,8 @@ class RunSummary(BaseModel):
     run_dir: str
     created_at: datetime
     registered_at: datetime
+    served_at: datetime | None = Field(description="when an admin chose to serve it")
+    serving: bool = Field(description="its models are the ones this service answers with")
     verdict: str
     model_versions: dict[str, str]
     report_url: str

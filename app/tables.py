@@ -104,6 +104,9 @@ class Run(Base):
     verdict: Mapped[str] = mapped_column(Text)
     model_versions: Mapped[dict[str, str]] = mapped_column(JSON)
     report: Mapped[dict] = mapped_column(JSON)
+    # When an admin chose to serve this run; the service serves the run most recently registered
+    # or chosen.
+    served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ApiKey(Base):

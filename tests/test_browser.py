@@ -74,7 +74,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
         "MAXMIN_RUNS_DIR": str(root / "runs"),
         "MAXMIN_DATA_DIR": str(root / "var"),
         "DATABASE_URL": url,
-        "MAXMIN_RUN_DIR": str(run_dir),
+        "MAXMIN_RELOAD_SECONDS": "0.5",  # serves the registered run, and follows a change
         "MAXMIN_DEVICE": "cpu",
     }
     # The real start-up path: `maxmin-inspect serve` (migrates, then runs uvicorn).
@@ -171,5 +171,17 @@ def test_the_engineer_trains_from_the_page_and_opens_the_report(
             expect(job.locator(".state")).to_have_text("done", timeout=180_000)
             job.locator("a", has_text="report").click()
             expect(page.locator("body")).to_contain_text("maxmin")
+            # The new run's models are served without a restart; the admin can go back.
+            page.goto(f"{server}/dashboard")
+            rows = page.locator("#reports tr[id^=report-]")
+            expect(rows).to_have_count(2)
+            deadline = time.monotonic() + 30
+            while not rows.first.locator(".serving").count():  # the page shows it once served
+                assert time.monotonic() < deadline, "the new run was not served"
+                time.sleep(0.5)
+                page.reload()
+            rows.nth(1).locator("button.serve").click()
+            expect(rows.nth(1).locator(".serving")).to_be_visible(timeout=30_000)
+            expect(rows.first.locator("button.serve")).to_be_visible()
         finally:
             browser.close()

@@ -60,28 +60,42 @@ def _port() -> int:
 
 @contextmanager
 def server(
-    db_url: str, run_dir: Path, data_dir: Path, port: int, workers: int = 1
+    db_url: str,
+    run_dir: Path | None,
+    data_dir: Path,
+    port: int,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A running `maxmin-inspect serve`; yields an admin key for it."""
+    """A running `maxmin-inspect serve`; yields an admin key for it. With ``run_dir`` None it
+    serves the registered runs (and follows a change of them)."""
     from app.core.db import upgrade
 
     upgrade(db_url)
     key = make_key(db_url)
-    with _serve(db_url, run_dir, data_dir, port, workers) as proc:
+    with _serve(db_url, run_dir, data_dir, port, workers, env) as proc:
         yield key, proc
 
 
 @contextmanager
 def _serve(
-    db_url: str, run_dir: Path, data_dir: Path, port: int, workers: int = 1
+    db_url: str,
+    run_dir: Path | None,
+    data_dir: Path,
+    port: int,
+    workers: int = 1,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen]:
     env = {
         **os.environ,
         "DATABASE_URL": db_url,
         "MAXMIN_DATA_DIR": str(data_dir),
-        "MAXMIN_RUN_DIR": str(run_dir),
         "MAXMIN_DEVICE": "cpu",
+        **({"MAXMIN_RUN_DIR": str(run_dir)} if run_dir is not None else {}),
+        **(extra_env or {}),
     }
+    if run_dir is None:
+        env.pop("MAXMIN_RUN_DIR", None)  # not even from the environment the tests run in
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -58,19 +58,27 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, arrays: np.ndarray) -> Future:
         """Queue N images (N x C x S x S uint8); the future resolves to a BatchResult."""
         job = _Job(arrays)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise Overloaded("inference queue full, retry shortly") from None
+        with self._lock:
+            if self._closed:  # retired: these models are no longer served
+                raise Overloaded("the models are being replaced, retry shortly")
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise Overloaded("inference queue full, retry shortly") from None
         return job.future
 
     def close(self) -> None:
+        """Finish the work already queued, refuse new work, stop the thread."""
+        with self._lock:
+            self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
 

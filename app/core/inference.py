@@ -86,6 +86,7 @@ class Classifier:
         )
         self.std = torch.tensor(first["normalization"]["std"], device=self.device).view(1, -1, 1, 1)
         self.run_name = self.run_dir.name
+        self.batcher = None  # the micro-batcher feeding these models, set by the service
         self.classify(np.zeros((2, self.channels, self.size, self.size), dtype=np.uint8))  # warm up
 
     def decode(self, data: bytes, max_pixels: int) -> Decoded:

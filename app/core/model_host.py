@@ -35,6 +35,7 @@ import numpy as np
 from app.core.model_process import ModelProcessFailed
 
 log = logging.getLogger("maxmin_inspect")
+KEEP_RUNS = 2  # runs the host keeps loaded: the served one and the one being switched to
 
 
 def _send(conn: Connection, message: object) -> None:
@@ -81,8 +82,23 @@ def _host_main(
     from app.core.inference import Classifier
 
     torch.set_num_threads(threads)
+    # The runs loaded, least recently used first: the one being served, and the next one while
+    # the workers switch to it (they ask for it with "load" before they send it batches).
+    classifiers: dict[str, Classifier] = {}
+    loading = threading.Lock()
+
+    def get(run: str) -> Classifier:
+        with loading:
+            classifier = classifiers.pop(run, None)
+            if classifier is None:
+                classifier = Classifier(Path(run), names, device)
+                while len(classifiers) >= KEEP_RUNS:
+                    classifiers.pop(next(iter(classifiers)))
+            classifiers[run] = classifier
+            return classifier
+
     try:
-        classifier = Classifier(Path(run_dir), names, device)
+        classifier = get(run_dir)
         if os.path.exists(address):
             os.unlink(address)  # left by a host that died
         listener = Listener(address, family="AF_UNIX", authkey=authkey)
@@ -91,7 +107,7 @@ def _host_main(
         return
     info = {"device": str(classifier.device), "run_dir": run_dir, "names": names}
     stats = {"passes": 0, "requests": 0}
-    work: queue.Queue[tuple[Connection, np.ndarray]] = queue.Queue()
+    work: queue.Queue[tuple[Connection, str, np.ndarray]] = queue.Queue()
 
     def read(conn: Connection) -> None:
         while True:
@@ -101,9 +117,16 @@ def _host_main(
                 conn.close()
                 return
             if kind == "info":
-                _send(conn, ("ok", info | stats))
+                _send(conn, ("ok", info | stats | {"runs": list(classifiers)}))
+            elif kind == "load":  # in this connection's thread: batches of other runs go on
+                try:
+                    get(str(payload))
+                    _send(conn, ("ok", None))
+                except Exception as exc:  # noqa: BLE001 - the worker reports it
+                    _send(conn, ("error", f"cannot load {payload}: {type(exc).__name__}: {exc}"))
             else:
-                work.put((conn, payload))
+                run, arrays = payload
+                work.put((conn, str(run), arrays))
 
     def accept() -> None:
         while True:
@@ -131,9 +154,19 @@ def _host_main(
                 jobs.append(work.get_nowait())
             except queue.Empty:
                 break
-        stats["passes"] += 1
-        stats["requests"] += len(jobs)
-        _answer(classifier, jobs)
+        by_run: dict[str, list[tuple[Connection, np.ndarray]]] = {}
+        for conn, run, arrays in jobs:
+            by_run.setdefault(run, []).append((conn, arrays))
+        for run, group in by_run.items():
+            try:
+                classifier = get(run)
+            except Exception as exc:  # noqa: BLE001 - those workers hear why
+                for conn, _ in group:
+                    _send(conn, ("error", f"cannot load {run}: {type(exc).__name__}: {exc}"))
+                continue
+            stats["passes"] += 1
+            stats["requests"] += len(group)
+            _answer(classifier, group)
 
 
 class ModelHost:
@@ -307,13 +340,40 @@ class ModelHostClient:
             conn.close()
 
     def info(self) -> dict:
-        """The host's device, run and counters (passes, requests)."""
+        """The host's device, first run, runs loaded and counters (passes, requests)."""
         return self._call("info", None)
 
-    def classify(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
-        """Per model: class probabilities (N x K) and the model's time per image in ms."""
-        return self._call("classify", np.ascontiguousarray(arrays))
+    def load(self, run_dir: Path) -> None:
+        """Have the host load ``run_dir``'s models (before sending it that run's batches)."""
+        self._call("load", str(Path(run_dir).resolve()))
+
+    def classify(
+        self, arrays: np.ndarray, run_dir: Path | None = None
+    ) -> dict[str, tuple[np.ndarray, float]]:
+        """Per model: class probabilities (N x K) and the model's time per image in ms, from the
+        models of ``run_dir`` (default: the run the host started with)."""
+        run = str(Path(run_dir or self.run_dir).resolve())
+        return self._call("classify", (run, np.ascontiguousarray(arrays)))
 
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+
+class HostRun:
+    """The shared host bound to one run: what a worker's batcher calls while it serves that run."""
+
+    def __init__(self, client: ModelHostClient, run_dir: Path) -> None:
+        self.client = client
+        self.run_dir = Path(run_dir).resolve()
+        client.load(self.run_dir)
+        self.device = client.device
+
+    def classify(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+        return self.client.classify(arrays, self.run_dir)
+
+    def ping(self, timeout_s: float = 2.0) -> str | None:
+        return self.client.ping(timeout_s)
+
+    def close(self) -> None:
+        """Nothing of its own to close: the connection serves the worker's next run too."""

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from app.core.model_host import ModelHostClient
+from app.core.model_host import HostRun
 from app.core.model_process import ModelProcess
 from app.schemas import Health
 
@@ -35,14 +35,15 @@ def read_ready(request: Request) -> JSONResponse:
     if state.classifier is None:
         body = Health(status="unavailable", detail=state.models_error)
         return JSONResponse(body.model_dump(), status_code=503)
-    if isinstance(state.runner, ModelHostClient | ModelProcess) and (
-        problem := state.runner.ping()
-    ):
+    if isinstance(state.runner, HostRun | ModelProcess) and (problem := state.runner.ping()):
         # Down or hung: the serve command (shared) or the worker's watchdog is replacing it.
         body = Health(status="unavailable", detail=problem)
         return JSONResponse(body.model_dump(), status_code=503)
     c = state.classifier
     body = Health(
-        status="ok", models={n: m.version for n, m in c.models.items()}, run=str(c.run_dir)
+        status="ok",
+        models={n: m.version for n, m in c.models.items()},
+        run=str(c.run_dir),
+        detail=state.reload_error,  # a run chosen to serve that could not be loaded
     )
     return JSONResponse(body.model_dump())

@@ -147,6 +147,8 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
             "latest": latest,
             "cost_chart": accuracy_cost_chart(latest.report) if latest else None,
             "runs": runs,
+            "serving_dir": str(classifier.run_dir.resolve()) if classifier else None,
+            "pinned": request.app.state.settings.run_dir is not None,
             "stats": stats,
             "disagreements": [to_public(p) for p in disagreements],
             "models_error": request.app.state.models_error,

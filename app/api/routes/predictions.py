@@ -258,7 +258,7 @@ async def create_prediction(
         request.app.state.decode_pool, _decode_all, classifier, uploads, settings.max_image_pixels
     )
     t2 = time.perf_counter()
-    batcher = request.app.state.batcher
+    batcher = classifier.batcher  # these models' own: a switch of runs cannot mix them up
     try:
         result = await asyncio.wrap_future(batcher.submit(np.stack([d.array for d in decoded])))
     except Overloaded as exc:

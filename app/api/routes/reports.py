@@ -7,20 +7,27 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
-from app.api.deps import ManagerDep, RowId, SessionDep
-from app.crud import as_utc, list_runs
+from app.api.deps import AdminDep, ManagerDep, RowId, SessionDep, SettingsDep
+from app.crud import as_utc, choose_to_serve, list_runs
 from app.schemas import RunPublic, RunsPublic, RunSummary
 from app.tables import Run
 
 router = APIRouter(tags=["reports"])
 
 
-def _summary(run: Run) -> dict:
+def _serving(request: Request) -> str | None:
+    classifier = request.app.state.classifier
+    return str(classifier.run_dir.resolve()) if classifier is not None else None
+
+
+def _summary(run: Run, serving: str | None) -> dict:
     return {
         "id": run.id,
         "run_dir": run.run_dir,
         "created_at": as_utc(run.created_at),
         "registered_at": as_utc(run.registered_at),
+        "served_at": as_utc(run.served_at),
+        "serving": serving == str(Path(run.run_dir).resolve()),
         "verdict": run.verdict,
         "model_versions": run.model_versions,
         "report_url": f"/reports/{run.id}",
@@ -28,11 +35,40 @@ def _summary(run: Run) -> dict:
 
 
 @router.get("/reports", response_model=RunsPublic)
-def read_reports(_: ManagerDep, session: SessionDep) -> RunsPublic:
-    """Registered training runs, newest first."""
+def read_reports(_: ManagerDep, request: Request, session: SessionDep) -> RunsPublic:
+    """Registered training runs, newest first; `serving` marks the run whose models answer."""
     runs = list_runs(session)
-    data = [RunSummary(**_summary(r)) for r in runs]
+    data = [RunSummary(**_summary(r, _serving(request))) for r in runs]
     return RunsPublic(data=data, count=len(data))
+
+
+@router.post(
+    "/reports/{run_id}/serve",
+    response_model=RunSummary,
+    status_code=202,
+    responses={404: {"description": "unknown report"}, 409: {"description": "pinned"}},
+)
+def serve_report(
+    _: AdminDep, run_id: RowId, request: Request, session: SessionDep, settings: SettingsDep
+) -> RunSummary:
+    """Serve this run's models: every worker loads them beside the current ones and switches
+    within `MAXMIN_RELOAD_SECONDS`, without a restart; requests in flight finish on the models
+    they started with. `/readyz` names the run being served."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise HTTPException(404, detail=f"report {run_id} not found")
+    if settings.run_dir is not None:
+        raise HTTPException(
+            409, detail=f"MAXMIN_RUN_DIR pins the served run to {settings.run_dir}; unset it first"
+        )
+    if settings.reload_seconds <= 0:
+        raise HTTPException(
+            409, detail="MAXMIN_RELOAD_SECONDS is 0: the service switches runs only at a restart"
+        )
+    if not (Path(run.run_dir) / "report.json").is_file():
+        raise HTTPException(409, detail=f"run directory {run.run_dir} is missing or incomplete")
+    choose_to_serve(session, run)
+    return RunSummary(**_summary(run, _serving(request)))
 
 
 @router.get(
@@ -61,4 +97,4 @@ def read_report(  # noqa: ANN201
                 "`maxmin-inspect report RUN_DIR`",
             )
         return HTMLResponse(page.read_text(encoding="utf-8"))
-    return RunPublic(**_summary(run), report=run.report)
+    return RunPublic(**_summary(run, _serving(request)), report=run.report)
