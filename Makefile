@@ -17,14 +17,16 @@ install: $(VENV)/.installed
 
 # The demo profile: 48 px and otherwise the defaults (30 epochs, 3 seeds); about a minute on a
 # 2-core CPU (12 epochs left one MaxMin seed in three stalled near 45 %). Trains only when
-# no demo run exists yet, then migrates the database and starts the service.
+# no demo run exists yet, then migrates the database and starts the service, whose training page
+# (/training) lists the demo data as a dataset.
 run: install
 	@set -e; if [ ! -f $(DEMO_RUN)/report.json ]; then \
 		[ -d $(DEMO_DATA) ] || $(CLI) demo-data $(DEMO_DATA); \
 		$(CLI) train $(DEMO_DATA) --size 48 --out $(DEMO_RUN); \
 	fi
 	$(CLI) db upgrade
-	$(CLI) serve --host 127.0.0.1 --port $(PORT)
+	MAXMIN_DATASETS_DIR=$${MAXMIN_DATASETS_DIR:-$(dir $(DEMO_DATA))} \
+		$(CLI) serve --host 127.0.0.1 --port $(PORT)
 
 test: install
 	$(PY) -m pytest -q
