@@ -159,6 +159,13 @@ def follow_served_run(app: FastAPI, retry_s: float = 60.0) -> bool:
     one chosen to serve): load it beside the current models, then swap. A run that cannot be
     loaded leaves the current models serving, says why in /readyz, and is tried again after
     ``retry_s``. True when it switched."""
+    with app.state.switching:  # one switch at a time; shutdown waits for one in progress
+        if app.state.closing:
+            return False
+        return _follow_served_run(app, retry_s)
+
+
+def _follow_served_run(app: FastAPI, retry_s: float) -> bool:
     settings: Settings = app.state.settings
     run_dir = find_run_dir(settings, app.state.sessions)
     if run_dir is None:
@@ -210,6 +217,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = ImageStore(settings.images_dir)
     app.state.host = None
     app.state.retiring = []
+    app.state.switching, app.state.closing = threading.Lock(), False
     load_models(app)
     app.state.writer = GroupWriter(
         app.state.sessions, app.state.store, write_lock=write_lock(settings.db_url)
@@ -226,6 +234,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     if follower is not None:
         follower.cancel()
+    with app.state.switching:  # a switch in progress ends first; none starts after
+        app.state.closing = True
     for timer, runner, batcher in app.state.retiring:
         if timer.is_alive():  # not closed yet: close now, not at the end of its grace
             timer.cancel()

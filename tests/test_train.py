@@ -150,9 +150,11 @@ def test_cli_errors_are_clear(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = [a.format(tmp=tmp_path, data=small_folder) for a in argv]
-    assert main([*argv, "--quiet"] if argv[0] == "train" else argv) == 2
+    out = tmp_path / "run"
+    assert main([*argv, "--quiet", "--out", str(out)] if argv[0] == "train" else argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not out.exists()  # a run that cannot start leaves no empty run folder behind
 
 
 def test_cli_rejects_bad_numbers(capsys: pytest.CaptureFixture[str], small_folder: Path) -> None:

@@ -65,7 +65,6 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
     cfg.train.device = str(device)
     started = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     progress(state="decoding")
     ds = load_dataset(
@@ -79,6 +78,7 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
         progress=cfg.progress,
     )
     data_seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)  # only once the data is usable: no empty run folders
     splits, mean, std = ds.resident(device)
     test_y = ds.labels[torch.as_tensor(ds.indices("test"))].numpy()
     kwargs = _model_kwargs(ds)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core.model_process import ModelProcessFailed
+from app.core.model_process import EXITING, ModelProcessFailed
 
 log = logging.getLogger("maxmin_inspect")
 KEEP_RUNS = 2  # runs the host keeps loaded: the served one and the one being switched to
@@ -235,7 +235,7 @@ class ModelHost:
             if proc is not None and proc.is_alive():
                 proc.join(1.0)
                 continue
-            if self._stopping.is_set():
+            if self._stopping.is_set() or EXITING.is_set():
                 return
             log.error(
                 "model host exited (code %s); starting a new one",

@@ -16,6 +16,7 @@ fresh process, so the requests after it wait for the start rather than fail; ``p
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import multiprocessing as mp
@@ -28,6 +29,10 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("maxmin_inspect")
+# Set as the interpreter exits, before multiprocessing stops its daemon children (atexit runs the
+# handlers registered last first): a watchdog must not take those stops for deaths to repair.
+EXITING = threading.Event()
+atexit.register(EXITING.set)
 
 
 class ModelProcessFailed(RuntimeError):
@@ -145,7 +150,9 @@ class ModelProcess:
                 if proc.is_alive():
                     continue
             with self._lock:
-                if self._closed.is_set() or (self._proc is not None and self._proc.is_alive()):
+                if self._closed.is_set() or EXITING.is_set():
+                    return
+                if self._proc is not None and self._proc.is_alive():
                     continue
                 if self._proc is not None:  # died on its own (else stopped by classify)
                     code = self._proc.exitcode
