@@ -464,10 +464,12 @@ def latest_run(session: Session) -> Run | None:
 
 
 def serving_run(session: Session) -> Run | None:
-    """The run the service serves: the one most recently registered or chosen to serve."""
-    chosen = func.coalesce(Run.served_at, Run.registered_at)
-    query = select(Run).order_by(chosen.desc(), Run.id.desc()).limit(1)
-    return session.execute(query).scalar_one_or_none()
+    """The run the service serves: the one most recently chosen to serve; before any choice, the
+    newest registered (which the service then records as chosen, see ``keep_serving``)."""
+    query = select(Run).order_by(
+        Run.served_at.is_(None), Run.served_at.desc(), Run.registered_at.desc(), Run.id.desc()
+    )
+    return session.execute(query.limit(1)).scalars().first()
 
 
 def choose_to_serve(session: Session, run: Run) -> Run:
@@ -475,3 +477,15 @@ def choose_to_serve(session: Session, run: Run) -> Run:
     run.served_at = utcnow()
     session.commit()
     return run
+
+
+def keep_serving(session: Session, run_dir: Path) -> None:
+    """Record the run served by default (no run chosen yet) as chosen, so that a run registered
+    later, say a quick experiment, does not replace it until someone chooses it."""
+    if session.execute(select(Run.id).where(Run.served_at.is_not(None)).limit(1)).first():
+        return
+    run = session.execute(
+        select(Run).where(Run.run_dir == str(Path(run_dir).resolve()))
+    ).scalar_one_or_none()
+    if run is not None:
+        choose_to_serve(session, run)

@@ -43,7 +43,7 @@ from app.core.observability import Metrics, ObserveMiddleware
 from app.core.security import KeyCache, session_secret
 from app.core.storage import ImageStore
 from app.core.writer import GroupWriter
-from app.crud import serving_run
+from app.crud import keep_serving, serving_run
 from training.checkpoint import CheckpointError
 
 log = logging.getLogger("maxmin_inspect")
@@ -51,8 +51,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def find_run_dir(settings: Settings, sessions) -> Path | None:  # noqa: ANN001
-    """The run to serve: the setting, else the registered run most recently registered or chosen
-    to serve (`POST /reports/{id}/serve`), else the newest on disk."""
+    """The run to serve: the setting, else the registered run most recently chosen to serve
+    (`POST /reports/{id}/serve`; before any choice, the newest registered), else the newest on
+    disk."""
     if settings.run_dir is not None:
         return settings.run_dir
     try:
@@ -152,11 +153,23 @@ def load_models(app: FastAPI) -> None:
         app.state.models_error = f"cannot load models from {run_dir}: {exc}"
         app.state.failed_run = (Path(run_dir).resolve(), time.monotonic())
         log.error(app.state.models_error)
+        return
+    _keep_serving(app, run_dir)
+
+
+def _keep_serving(app: FastAPI, run_dir: Path) -> None:
+    if app.state.settings.run_dir is not None:
+        return  # pinned by the setting: no choice to record
+    try:
+        with app.state.sessions() as session:
+            keep_serving(session, run_dir)
+    except DBAPIError as exc:
+        log.warning("could not record %s as the run served: %s", run_dir, exc)
 
 
 def follow_served_run(app: FastAPI, retry_s: float = 60.0) -> bool:
-    """Switch to the run the service should serve when it has changed (a new run registered, or
-    one chosen to serve): load it beside the current models, then swap. A run that cannot be
+    """Switch to the run the service should serve when it has changed (one chosen to serve, or a
+    first run registered): load it beside the current models, then swap. A run that cannot be
     loaded leaves the current models serving, says why in /readyz, and is tried again after
     ``retry_s``. True when it switched."""
     with app.state.switching:  # one switch at a time; shutdown waits for one in progress
@@ -193,6 +206,7 @@ def _follow_served_run(app: FastAPI, retry_s: float) -> bool:
     app.state.failed_run = None
     retire_models(app, old, grace_s=settings.model_timeout_seconds)
     log.info("now serving the models of %s", run_dir)
+    _keep_serving(app, run_dir)
     return True
 
 

@@ -104,8 +104,7 @@ class Run(Base):
     verdict: Mapped[str] = mapped_column(Text)
     model_versions: Mapped[dict[str, str]] = mapped_column(JSON)
     report: Mapped[dict] = mapped_column(JSON)
-    # When an admin chose to serve this run; the service serves the run most recently registered
-    # or chosen.
+    # When this run was chosen to serve; the service serves the run chosen last.
     served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

@@ -1,5 +1,6 @@
-"""Serving a new run without a restart: a newly registered run, or one an admin chooses to serve,
-replaces the served models while requests go on; every answer comes from one run's models."""
+"""Serving another run without a restart: the run an admin chooses to serve (or, before any
+choice, the first one registered) replaces the served models while requests go on; every answer
+comes from one run's models; a run registered later does not take over by itself."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from app.core.db import upgrade
 from app.core.inference import Classifier
 from app.core.model_host import ModelHost, ModelHostClient
 from app.core.model_process import ModelProcessFailed
-from app.crud import register_run
+from app.crud import choose_to_serve, register_run
 from app.main import create_app
 from tests.conftest import write_folder
 from tests.service import make_key, png_bytes, postgres_database, train_small_run
@@ -88,7 +89,7 @@ def _wait_for_run(client: TestClient, run_dir: Path, timeout: float = 60) -> dic
         time.sleep(0.1)
 
 
-def test_a_new_run_replaces_the_served_one_while_requests_go_on(
+def test_a_chosen_run_replaces_the_served_one_while_requests_go_on(
     db_url: str, runs: dict[str, Path], tmp_path: Path
 ) -> None:
     versions = {
@@ -114,7 +115,10 @@ def test_a_new_run_replaces_the_served_one_while_requests_go_on(
         worker.start()
         try:
             time.sleep(0.5)
-            b_id = _register(client, runs["b"])  # a newly registered run is served
+            b_id = _register(client, runs["b"])  # registered, not chosen: A stays
+            time.sleep(1.5)
+            assert client.get("/readyz").json()["run"] == str(runs["a"])
+            assert client.post(f"/reports/{b_id}/serve").status_code == 202  # chosen: served
             _wait_for_run(client, runs["b"])
             time.sleep(0.5)
             served = {r["id"]: r["serving"] for r in client.get("/reports").json()["data"]}
@@ -160,7 +164,8 @@ def test_a_run_that_cannot_load_leaves_the_served_one_in_place(
     with _client(db_url, tmp_path) as client:
         a_id = _register(client, runs["a"])
         _wait_for_run(client, runs["a"])
-        _register(client, broken)  # newest: the service tries it, and keeps A
+        broken_id = _register(client, broken)
+        assert client.post(f"/reports/{broken_id}/serve").status_code == 202  # tried; A stays
         deadline = time.monotonic() + 30
         while not (client.get("/readyz").json().get("detail") or "").startswith("cannot load"):
             assert time.monotonic() < deadline
@@ -223,7 +228,7 @@ def test_the_shared_model_process_serves_two_runs(runs: dict[str, Path]) -> None
 def test_every_worker_switches_with_a_shared_model_process(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Two workers and one model process: a newly registered run reaches both workers."""
+    """Two workers and one model process: a run chosen to serve reaches both workers."""
     db_url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
     upgrade(db_url)
     from app.core.db import command_session
@@ -238,7 +243,7 @@ def test_every_worker_switches_with_a_shared_model_process(
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/readyz", timeout=10).json()["run"] == str(runs["a"])
         with command_session(db_url) as session:
-            register_run(session, runs["b"])
+            choose_to_serve(session, register_run(session, runs["b"]))
         deadline, in_a_row = time.monotonic() + 60, 0
         while in_a_row < 12:  # each request reaches one worker or the other
             r = httpx.post(

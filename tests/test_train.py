@@ -202,6 +202,17 @@ def test_import_run_command(
     assert main(["db", "upgrade"]) == 0
     assert main(["import-run", str(run_dir)]) == 0
     assert "as report 1" in capsys.readouterr().out
+    from app.core.config import Settings
+    from app.core.db import command_session
+    from app.crud import serving_run
+    from app.tables import Run
+
+    with command_session(Settings().db_url) as session:
+        assert session.get(Run, 1).served_at is None  # registered, not chosen
+    assert main(["import-run", str(run_dir), "--serve"]) == 0
+    assert "serves its models from now on" in capsys.readouterr().out
+    with command_session(Settings().db_url) as session:
+        assert serving_run(session).served_at is not None and serving_run(session).id == 1
     assert main(["import-run", str(tmp_path)]) == 2
     assert "report.json not found" in capsys.readouterr().err
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")

@@ -216,6 +216,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "lists it and can serve its models.",
     )
     i.add_argument("run_dir", type=Path, help="a run directory written by 'train'")
+    i.add_argument(
+        "--serve",
+        action="store_true",
+        help="also make it the run the service serves (running services switch within seconds)",
+    )
     return parser
 
 
@@ -381,7 +386,8 @@ def _serve(args: argparse.Namespace) -> int:
     host = _model_host(settings, args.workers)
     base = f"http://{args.host}:{args.port}"
     print(
-        f"Inspector page: {base}/\nDashboard:      {base}/dashboard\nAPI docs:       {base}/docs",
+        f"Inspector page: {base}/\nDashboard:      {base}/dashboard\n"
+        f"Training page:  {base}/training\nAPI docs:       {base}/docs",
         flush=True,
     )
     try:
@@ -494,12 +500,15 @@ def _first_admin_key(settings) -> None:  # noqa: ANN001
 def _import_run(args: argparse.Namespace) -> int:
     from app.core.config import Settings
     from app.core.db import command_session
-    from app.crud import NotFound, register_run
+    from app.crud import NotFound, choose_to_serve, register_run
 
     try:
         with command_session(Settings().db_url) as session:
             run = register_run(session, args.run_dir)
             print(f"Registered {run.run_dir} as report {run.id}.")
+            if args.serve:
+                choose_to_serve(session, run)
+                print("The service serves its models from now on.")
     except NotFound as exc:
         raise FileNotFoundError(str(exc)) from None
     return 0

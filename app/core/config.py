@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     torch_threads: int = 0  # 0: see Settings.threads
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
     model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
-    # How often each worker checks which run to serve (the one most recently registered or chosen
-    # to serve) and switches to it without a restart; 0: only at start. Not with MAXMIN_RUN_DIR.
+    # How often each worker checks which run to serve (the one chosen last) and switches to it
+    # without a restart; 0: only at start. Not with MAXMIN_RUN_DIR.
     reload_seconds: float = 5.0
     # Several workers: one model process for all of them (app/core/model_host.py), or one each.
     # auto: shared on a GPU (one CUDA context, merged batches); one each on the CPU, where with 2

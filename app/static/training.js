@@ -52,7 +52,9 @@
     const outcome = el("td");
     if (job.report_url) {
       const a = el("a", { href: job.report_url + "?format=html" }, "report");
-      outcome.append(a, " ", el("span", {}, job.message || ""));
+      const serve = el("button", { type: "button", class: "serve" }, "Serve these");
+      serve.addEventListener("click", () => window.serveRun(job.report_url.split("/").pop(), status));
+      outcome.append(a, " ", serve, " ", el("span", {}, job.message || ""));
     } else if (job.message) {
       outcome.append(el("span", { class: job.state === "failed" ? "warn" : "" }, job.message));
     }
