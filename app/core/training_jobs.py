@@ -178,7 +178,7 @@ def _launch(folder: Path, run_dir: Path, device: str, options: TrainingOptions) 
         "-m",
         "training.cli",
         "train",
-        str(folder),
+        str(folder.resolve()),
         "--out",
         str(run_dir),
         "--models",
@@ -205,7 +205,6 @@ def _launch(folder: Path, run_dir: Path, device: str, options: TrainingOptions) 
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # survives a restart of the service; cancelled as a group
-            cwd=Path(__file__).resolve().parents[2],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
