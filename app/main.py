@@ -131,6 +131,7 @@ def retire_models(app: FastAPI, old: tuple, grace_s: float) -> None:
     _, runner, batcher = old
     timer = threading.Timer(grace_s, _close_models, (runner, batcher))
     timer.daemon = True
+    app.state.retiring = [r for r in app.state.retiring if r[0].is_alive()]  # done: forget
     app.state.retiring.append((timer, runner, batcher))
     timer.start()
 
