@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,15 @@ def _service_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Commands that register runs write to a throwaway database, never the checkout's var/."""
     os.environ["MAXMIN_DATA_DIR"] = str(tmp_path_factory.mktemp("service-data"))
     os.environ.pop("DATABASE_URL", None)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The test runs twice: on a fresh SQLite file and on a fresh PostgreSQL database."""
+    from tests.service import postgres_database  # it imports this module
+
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"
+    else:
+        with postgres_database() as url:
+            yield url

@@ -25,17 +25,23 @@ POSTGRES_ENV = "MAXMIN_TEST_POSTGRES_URL"  # e.g. postgresql+psycopg://postgres@
 CLASSES = ["dent", "good", "scratch"]
 
 
-def train_small_run(root: Path) -> Path:
+def train_small_run(
+    root: Path,
+    classes: list[str] = CLASSES,
+    per_class: int = 12,
+    size: int = 24,
+    epochs: int = 3,
+) -> Path:
     """A real (tiny) training run with baseline and MaxMin, as the service loads it."""
-    data = write_folder(root / "parts", {c: 12 for c in CLASSES}, easy=True)
+    data = write_folder(root / "parts", {c: per_class for c in classes}, easy=True)
     cfg = PocConfig(
         data=str(data),
         out=str(root / "run"),
         models=["baseline", "maxmin"],
-        size=24,
+        size=size,
         seeds=1,
         device="cpu",
-        train=TrainConfig(epochs=3, batch_size=8),
+        train=TrainConfig(epochs=epochs, batch_size=8),
         latency_budget_s=0.1,
         progress=False,
     )

@@ -22,7 +22,6 @@ from tests.service import (
     make_key,
     malformed_corpus,
     png_bytes,
-    postgres_database,
     train_small_run,
 )
 
@@ -30,15 +29,6 @@ from tests.service import (
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_small_run(tmp_path_factory.mktemp("svc"))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
 
 
 @pytest.fixture

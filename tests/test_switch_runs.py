@@ -8,7 +8,6 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,11 +22,8 @@ from app.core.model_host import ModelHost, ModelHostClient
 from app.core.model_process import ModelProcessFailed
 from app.crud import choose_to_serve, register_run
 from app.main import create_app
-from tests.conftest import write_folder
-from tests.service import make_key, png_bytes, postgres_database, train_small_run
+from tests.service import make_key, png_bytes, train_small_run
 from tests.test_reliability import server
-from training.engine import TrainConfig
-from training.poc import PocConfig, run_poc
 
 B_CLASSES = ["crack", "ok"]
 
@@ -38,28 +34,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     and B (2 classes, 16 px)."""
     root = tmp_path_factory.mktemp("switch")
     a = train_small_run(root / "a")
-    data = write_folder(root / "b" / "parts", {c: 10 for c in B_CLASSES}, easy=True)
-    cfg = PocConfig(
-        data=str(data),
-        out=str(root / "b" / "run"),
-        models=["baseline", "maxmin"],
-        size=16,
-        seeds=1,
-        device="cpu",
-        train=TrainConfig(epochs=2, batch_size=8),
-        latency_budget_s=0.1,
-        progress=False,
-    )
-    return {"a": a.resolve(), "b": run_poc(cfg).resolve()}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
+    b = train_small_run(root / "b", B_CLASSES, per_class=10, size=16, epochs=2)
+    return {"a": a.resolve(), "b": b.resolve()}
 
 
 def _client(db_url: str, tmp_path: Path) -> TestClient:

@@ -17,18 +17,9 @@ from app.core.db import upgrade
 from app.main import create_app
 from app.tables import Run, TrainingJob
 from tests.conftest import write_folder
-from tests.service import CLASSES, make_key, postgres_database
+from tests.service import CLASSES, make_key
 
 SMALL = {"models": ["baseline", "maxmin"], "epochs": 2, "seeds": 1, "size": 24}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
 
 
 @pytest.fixture
