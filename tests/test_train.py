@@ -219,6 +219,11 @@ def test_import_run_command(
     assert main(["db", "upgrade"]) == 1
     err = capsys.readouterr().err
     assert "database error" in err and "Traceback" not in err
+    # A URL whose driver is not installed (here pymysql) is named, not a ModuleNotFoundError.
+    monkeypatch.setenv("DATABASE_URL", "mysql+pymysql://nobody@127.0.0.1:1/none")
+    assert main(["db", "upgrade"]) == 1
+    err = capsys.readouterr().err
+    assert "driver 'mysql+pymysql'" in err and "not installed" in err and "Traceback" not in err
 
 
 def test_class_weights_balance_rare_classes() -> None:
@@ -299,6 +304,11 @@ def test_training_step_matches_a_plain_loop(
     from training.engine import TrainStep
 
     monkeypatch.setattr(TrainStep, "WARMUP", 1)  # capture both batch sizes (8 and 5) early
+    if device.type == "cuda":
+        # Full fp32 on both sides: cuDNN convolutions default to TF32 (10-bit mantissa), whose
+        # rounding Adam turns into whole steps for elements with small gradients.
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     splits, mean, std, kwargs = _small_splits(small_folder, device)
     assert len(splits["train"][0]) % 8 >= 2  # a short last batch, so two graphs
     cfg = TrainConfig(epochs=4, batch_size=8, device=str(device), amp=False, lr=3e-3)
@@ -314,15 +324,20 @@ def test_training_step_matches_a_plain_loop(
         for name, value in res.state_dict.items():
             torch.testing.assert_close(value, kept[name], **tol)
         return
-    # cuDNN's kernels are not bitwise deterministic, and Adam turns a gradient's rounding noise
-    # into a full step for the odd element, so CUDA is held to relative errors: a stale input,
-    # learning rate or gradient in the replayed graph would be off by far more than this.
+    # cuDNN's kernels are not bitwise deterministic (cudnn.benchmark may pick other algorithms
+    # for the two sides), and Adam turns a gradient's rounding noise into a full step for the odd
+    # element, so CUDA is held to relative errors: a stale input, learning rate or gradient in the
+    # replayed graph would be off by far more than this.
     torch.testing.assert_close(
         torch.tensor(res.train_loss), torch.tensor(losses), rtol=5e-3, atol=1e-4
     )
-    for name, value in res.state_dict.items():
-        error = float((value - kept[name]).norm() / kept[name].norm().clamp_min(1e-12))
-        assert error < 1e-2, f"{name}: relative difference {error:.2e}"
+    errors = {
+        name: float((value - kept[name]).norm() / kept[name].norm().clamp_min(1e-12))
+        for name, value in res.state_dict.items()
+        if value.is_floating_point()
+    }
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-2, f"relative differences: {errors}"
 
 
 def test_cuda_graphs_can_be_switched_off(small_folder: Path, device: torch.device) -> None:

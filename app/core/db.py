@@ -13,6 +13,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -40,7 +41,14 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    try:
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    except ImportError as exc:  # the URL names a driver this installation lacks
+        raise NoSuchModuleError(
+            f"the database URL names the driver {make_url(url).drivername!r}, which is not "
+            f"installed here ({exc}); install it (PostgreSQL: psycopg[binary], a dependency of "
+            "this package) or use another URL"
+        ) from exc
 
 
 class SqliteWriteLock:
