@@ -10,14 +10,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as sps
 from sqlalchemy import Select, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.core.storage import ImageStore
 from app.tables import LabelEvent, ModelOutput, Prediction, Run, StoredImage, utcnow
-from training.stats import mcnemar
 
 
 class NotFound(LookupError):
@@ -307,6 +305,8 @@ def list_predictions(
 def _wilson(correct: int, n: int) -> dict[str, float | None]:
     if n == 0:
         return {"value": None, "low": None, "high": None}
+    from scipy import stats as sps  # here: the database writer process never needs it
+
     ci = sps.binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
     return {"value": correct / n, "low": float(ci.low), "high": float(ci.high)}
 
@@ -385,6 +385,8 @@ def compute_stats(
         common = sorted(set(correct_by_model[a]) & set(correct_by_model[b]))
         ca = np.array([correct_by_model[a][p] for p in common], dtype=bool)
         cb = np.array([correct_by_model[b][p] for p in common], dtype=bool)
+        from training.stats import mcnemar
+
         test = mcnemar(cb, ca)  # "model" = b (the challenger), "baseline" = a
         n = len(common)
         only_b, only_a = test["only_model_correct"], test["only_baseline_correct"]

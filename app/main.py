@@ -42,7 +42,7 @@ from app.core.model_process import ModelProcess, ModelProcessFailed
 from app.core.observability import Metrics, ObserveMiddleware
 from app.core.security import KeyCache, session_secret
 from app.core.storage import ImageStore
-from app.core.writer import GroupWriter
+from app.core.writer import GroupWriter, WriterProcess
 from app.crud import keep_serving, serving_run
 from training.checkpoint import CheckpointError
 
@@ -220,6 +220,18 @@ async def _follow(app: FastAPI, every_s: float) -> None:
             log.exception("could not check which run to serve")
 
 
+def _writer_in_process(settings: Settings) -> bool:
+    """``MAXMIN_WRITER_PROCESS``: true, false, or auto (a process when the models run on CUDA)."""
+    if settings.writer_process != "auto":
+        return settings.writer_process == "true"
+    from training.engine import resolve_device
+
+    try:
+        return resolve_device(settings.device).type == "cuda"
+    except ValueError:
+        return False  # the models report the bad device
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -233,10 +245,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.host = None
     app.state.retiring = []
     app.state.switching, app.state.closing = threading.Lock(), False
-    load_models(app)
-    app.state.writer = GroupWriter(
-        app.state.sessions, app.state.store, write_lock=write_lock(settings.db_url)
-    )
+    # The writer process (when on) starts while the models load.
+    if _writer_in_process(settings):
+        writer = WriterProcess(settings.db_url, settings.images_dir, wait=False)
+    else:
+        lock = write_lock(settings.db_url)
+        writer = GroupWriter(app.state.sessions, app.state.store, write_lock=lock)
+    try:
+        load_models(app)
+        if isinstance(writer, WriterProcess):
+            writer.wait_ready()
+    except BaseException:
+        writer.close()
+        raise
+    app.state.writer = writer
     app.state.decode_pool = ThreadPoolExecutor(settings.core_share, thread_name_prefix="decode")
     follower = None
     if settings.reload_seconds > 0 and settings.run_dir is None:

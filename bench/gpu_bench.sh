@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine for the speed work, most important first, each written out as it ends:
-# the model-level GPU tests, the full NEU PoC on CUDA (CUDA-graph steps), serving at 4 workers, the
-# training benchmark, serving at 8 workers, the service's GPU tests, the database write path, fused
+# the model-level GPU tests, the full NEU PoC on CUDA (CUDA-graph steps), serving at 8 workers
+# (database writer as a process and as a thread), the training benchmark at 30 epochs, the
+# service's GPU tests, serving at 4 workers from concurrency 1 to 128, the database write path, fused
 # MaxMin, the NEU PoC with eager steps; then a summary against the GPU targets. At most 8 files
 # under OUT_DIR (test results go into log.txt).
 # Every step is bounded; the whole pass keeps within GPU_BENCH_BUDGET seconds (default 550),
@@ -52,26 +53,28 @@ cp /tmp/neu-gpu/report.json "$OUT/neu-gpu-report.json" || {
         | tee -a "$OUT/log.txt"
 }
 
+# Every upload a new image file here (--distinct), as on a line.
+log "serving benchmark (CUDA), 8 workers at 64: the database writer as a process, and as a thread"
+T=$(within 100) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device $DEVICE \
+    --workers 8 --client-procs 4 --seconds 6 --concurrency 64 --distinct \
+    --sides service-writer-process,service-writer-thread --out "$OUT/serve-8w.json" 2>&1 \
+    | grep "c=" | tee -a "$OUT/log.txt"
+
+log "training benchmark (CUDA): plain loop, this trainer, at the trainer's default 30 epochs"
+T=$(within 300) && timeout "$T" python3 bench/train_bench.py "$NEU" --device $DEVICE --epochs 30 \
+    --repeats 2 --sides plain,ours --out "$OUT/train_bench.json" 2>&1 | tail -3 \
+    | tee -a "$OUT/log.txt"
+
+log "GPU tests: the service (batcher, model processes, API) on CUDA"
+T=$(within 120) && MAXMIN_TEST_DEVICE=$DEVICE timeout "$T" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_writer_process.py tests/test_batcher.py tests/test_model_process.py \
+    tests/test_model_host.py tests/test_api.py \
+    -k "not postgresql" 2>&1 | tail -4 | tee -a "$OUT/log.txt"
+
 log "serving benchmark (CUDA), 4 workers"
 T=$(within 130) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device $DEVICE \
     --workers 4 --client-procs 4 --seconds 5 --concurrency 1 8 32 64 128 \
     --out "$OUT/serve.json" 2>&1 | grep "c=" | tee -a "$OUT/log.txt"
-log "training benchmark (CUDA): plain loop, this trainer"
-T=$(within 200) && timeout "$T" python3 bench/train_bench.py "$NEU" --device $DEVICE --epochs 5 \
-    --repeats 3 --sides plain,ours --out "$OUT/train_bench.json" 2>&1 | tail -3 \
-    | tee -a "$OUT/log.txt"
-
-# Every upload a new image file here (--distinct), as on a line.
-log "serving benchmark (CUDA), 8 workers at 64: one model process for all, and one per worker"
-T=$(within 100) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device $DEVICE \
-    --workers 8 --client-procs 4 --seconds 6 --concurrency 64 --distinct \
-    --sides service-shared,service-per-worker --out "$OUT/serve-8w.json" 2>&1 \
-    | grep "c=" | tee -a "$OUT/log.txt"
-
-log "GPU tests: the service (batcher, model processes, API) on CUDA"
-T=$(within 120) && MAXMIN_TEST_DEVICE=$DEVICE timeout "$T" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_batcher.py tests/test_model_process.py tests/test_model_host.py tests/test_api.py \
-    -k "not postgresql" 2>&1 | tail -4 | tee -a "$OUT/log.txt"
 
 log "database write path, 8 workers: SQLite busy timeout against the write lock"
 T=$(within 60) && timeout "$T" python3 bench/db_bench.py --workers 8 --clients 8 --seconds 3 \
@@ -108,7 +111,8 @@ if t:
           + ", ".join(f"{m} {v['speedup']}x" for m, v in t["models"].items()))
 for name in ("serve.json", "serve-8w.json"):
     s = load(name) or {}
-    for side in ("service", "service-shared", "service-per-worker"):
+    for side in ("service", "service-shared", "service-per-worker", "service-writer-process",
+                 "service-writer-thread"):
         for row in s.get(side, []):
             if row["concurrency"] == 64:
                 print(f"{name} {side} c=64: {row['requests_per_s']} req/s (target >= 2000), "

@@ -117,7 +117,9 @@ def _measure(
 def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dict]:
     """This service in a fresh data folder (SQLite), with its default settings (``service``), or
     with one model process shared by all workers (``service-shared``) or one per worker
-    (``service-per-worker``) whatever the device."""
+    (``service-per-worker``) whatever the device, or with the database writer as a process of its
+    own (``service-writer-process``) or as a thread of each worker (``service-writer-thread``)
+    whatever the device."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _port()
         svc_env = {
@@ -128,8 +130,11 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
         }
         svc_env.pop("DATABASE_URL", None)
         svc_env.pop("MAXMIN_SHARED_MODELS", None)
-        if side != "service":
+        svc_env.pop("MAXMIN_WRITER_PROCESS", None)
+        if side in ("service-shared", "service-per-worker"):
             svc_env["MAXMIN_SHARED_MODELS"] = "true" if side == "service-shared" else "false"
+        if side in ("service-writer-process", "service-writer-thread"):
+            svc_env["MAXMIN_WRITER_PROCESS"] = str(side == "service-writer-process").lower()
         # A line key, as a line system would send: the access check is part of the cost.
         made = subprocess.run(
             [sys.executable, "-m", "training.cli", "keys", "create", "--role", "line"]
@@ -143,7 +148,13 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
         load_env = {**env, "MAXMIN_API_KEY": made.stdout.strip().splitlines()[-1]}
         serve = [sys.executable, "-m", "training.cli", "serve", "--port", str(port)]
         serve += ["--workers", str(args.workers)]
-        name = {"service": "ours", "service-shared": "ours-s"}.get(side, "ours-w")
+        name = {
+            "service": "ours",
+            "service-shared": "ours-s",
+            "service-per-worker": "ours-w",
+            "service-writer-process": "ours-p",
+            "service-writer-thread": "ours-t",
+        }[side]
         return _measure(name, serve, svc_env, port, args, "/readyz", load_env)
 
 
@@ -168,7 +179,13 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
             args,
             "/docs",
         )
-    for side in ("service", "service-shared", "service-per-worker"):
+    for side in (
+        "service",
+        "service-shared",
+        "service-per-worker",
+        "service-writer-process",
+        "service-writer-thread",
+    ):
         if side in args.sides:
             sides[side] = _measure_service(side, args, env)
     return sides
@@ -212,7 +229,9 @@ def main() -> None:
         "--sides",
         default="plain,service",
         help="comma-separated: plain, service (default settings), service-shared (one model "
-        "process for all workers), service-per-worker (one each)",
+        "process for all workers), service-per-worker (one each), service-writer-process and "
+        "service-writer-thread (the database writer as a process of its own, or as a thread of "
+        "each worker)",
     )
     args = parser.parse_args()
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -237,6 +256,7 @@ def main() -> None:
     for name, (a, b) in {
         "throughput_ratio": ("service", "plain"),
         "shared_over_per_worker": ("service-shared", "service-per-worker"),
+        "writer_process_over_thread": ("service-writer-process", "service-writer-thread"),
     }.items():
         if a in summary and b in summary:
             summary[name] = {

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto: CUDA when present, the CPU otherwise
     torch_threads: int = 0  # 0: see Settings.threads
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
+    # Store predictions from a process of its own (app/core/writer.py: WriterProcess), not from a
+    # thread that waits for the busy worker's GIL while holding the SQLite write lock. auto: on
+    # CUDA, where cheap models leave the web worker's GIL the limit; a thread on the CPU, where the
+    # extra process cost 0.93x the requests/s on 2 cores (bench/results/serve-cpu-5.json).
+    writer_process: Literal["auto", "true", "false"] = "auto"
     model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
     # How often each worker checks which run to serve (the one chosen last) and switches to it
     # without a restart; 0: only at start. Not with MAXMIN_RUN_DIR.
@@ -54,7 +59,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = 0.0  # extra wait for company; 0: batch whatever queued meanwhile
     queue_max: int = 512  # waiting requests before new ones get 503 (back-pressure)
 
-    @field_validator("shared_models", mode="before")
+    @field_validator("shared_models", "writer_process", mode="before")
     @classmethod
     def _tristate(cls, value: object) -> object:
         text = str(value).strip().lower()

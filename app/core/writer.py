@@ -9,16 +9,28 @@ alone, so one bad request never fails the others.
 
 from __future__ import annotations
 
+import itertools
+import logging
+import multiprocessing as mp
+import os
 import queue
+import signal
 import threading
+import time
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core.model_process import EXITING
 from app.core.storage import ImageStore
 from app.crud import PredictionBatch, store_batches
+
+log = logging.getLogger("maxmin_inspect")
 
 
 @dataclass
@@ -88,3 +100,254 @@ class GroupWriter:
             return
         for j, preds in zip(jobs, results, strict=True):
             j.future.set_result(preds)
+
+
+class WriterUnavailable(RuntimeError):
+    """The database writer process could not take or finish a request (503, retry)."""
+
+
+def _portable(exc: BaseException) -> tuple:
+    """An exception as plain values that survive the trip to the worker, where ``_rebuild`` makes
+    an exception of the same kind: the service's handlers answer storage and database outages
+    with 503."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, OSError):
+        return ("os", exc.errno, exc.strerror or str(exc))
+    if isinstance(exc, DBAPIError):  # OperationalError, IntegrityError, ...
+        return ("db", type(exc).__name__, str(exc.orig))
+    return ("other", f"{type(exc).__name__}: {exc}")
+
+
+def _rebuild(payload: tuple) -> BaseException:
+    import sqlalchemy.exc
+
+    kind, *rest = payload
+    if kind == "os":
+        return OSError(*rest)
+    if kind == "db":
+        name, message = rest
+        cls = getattr(sqlalchemy.exc, name, sqlalchemy.exc.DBAPIError)
+        return cls(None, None, Exception(message))
+    if kind == "unavailable":
+        return WriterUnavailable(rest[0])
+    return RuntimeError(rest[0])
+
+
+def _writer_main(db_url: str, images_dir: str, max_group: int, conn: Connection) -> None:
+    """The writer process: a ``GroupWriter`` fed over ``conn``, each answer sent back by key."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker stops it
+    parent = os.getppid()
+    from app.core.db import make_engine, session_factory, write_lock
+
+    engine = make_engine(db_url)
+    writer = GroupWriter(
+        session_factory(engine),
+        ImageStore(Path(images_dir)),
+        max_group=max_group,
+        write_lock=write_lock(db_url),
+    )
+    sending = threading.Lock()
+
+    def reply(key: int, future: Future) -> None:
+        exc = future.exception()
+        message = (key, "ok", future.result()) if exc is None else (key, "error", _portable(exc))
+        with sending:
+            try:
+                conn.send(message)
+            except (OSError, ValueError):  # the worker is gone: nobody to tell
+                pass
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)  # the worker is gone (even killed): so is its writer
+
+    threading.Thread(target=orphaned, daemon=True).start()
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break
+        if message is None:
+            break
+        key, batch = message
+        try:
+            writer.submit(batch).add_done_callback(partial(reply, key))
+        except queue.Full:
+            with sending:
+                conn.send((key, "error", ("unavailable", "the database writer is overloaded")))
+    writer.close()  # what was submitted is written and answered first
+    engine.dispose()
+    conn.close()
+
+
+class WriterProcess:
+    """A ``GroupWriter`` in a process of its own; ``submit`` as ``GroupWriter.submit``.
+
+    Why: under load a web worker's event loop holds the GIL most of the time, and a writer thread
+    beside it waits for the GIL after every system call it makes (each file write and fsync, each
+    SQLite step), while holding the SQLite write lock that every other worker waits for. Beside one
+    busy Python thread a group of 8 predictions took 100x as long as alone
+    (``bench/writer_bench.py``). In a process of its own the writer has a GIL of its own.
+
+    If the process dies, the requests it held fail with ``WriterUnavailable`` (503) and a new
+    process starts at once; a request whose rows were committed just before may have stored them.
+    """
+
+    def __init__(
+        self,
+        db_url: str,
+        images_dir: Path,
+        max_group: int = 64,
+        start_timeout_s: float = 60.0,
+        wait: bool = True,
+    ) -> None:
+        self._args = (db_url, str(images_dir), max_group)
+        self._start_timeout = start_timeout_s
+        self._lock = threading.Lock()  # the connection, the pending futures, the process
+        self._pending: dict[int, Future] = {}
+        self._keys = itertools.count()
+        self._closing = False
+        self._conn: Connection | None = None
+        self._proc: mp.process.BaseProcess | None = None
+        self.restarts = 0
+        self._reader: threading.Thread | None = None
+        self._spawn()
+        if wait:
+            self.wait_ready()
+
+    def _spawn(self) -> None:
+        ctx = mp.get_context("spawn")
+        ours, theirs = ctx.Pipe(duplex=True)
+        proc = ctx.Process(
+            target=_writer_main, args=(*self._args, theirs), name="maxmin-writer", daemon=True
+        )
+        proc.start()
+        theirs.close()
+        self._starting = (ours, proc)
+
+    def _handshake(self) -> None:
+        ours, proc = self._starting
+        try:
+            if not ours.poll(self._start_timeout):
+                raise WriterUnavailable(
+                    f"the database writer did not start in {self._start_timeout:g} s"
+                )
+            ours.recv()
+        except EOFError:
+            proc.join(5)
+            raise WriterUnavailable(
+                f"the database writer exited at start (code {proc.exitcode})"
+            ) from None
+        except BaseException:
+            proc.kill()
+            proc.join(5)
+            raise
+        with self._lock:
+            self._conn, self._proc = ours, proc
+
+    def _start(self) -> None:
+        self._spawn()
+        self._handshake()
+
+    def wait_ready(self) -> None:
+        """Wait for the process started by the constructor (the service loads its models
+        meanwhile); raises ``WriterUnavailable`` if it did not start."""
+        if self._reader is None:
+            self._handshake()
+            self._reader = threading.Thread(target=self._read, name="writer-reader", daemon=True)
+            self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def submit(self, batch: PredictionBatch) -> Future:
+        future: Future = Future()
+        with self._lock:  # sends never interleave
+            if self._closing or self._conn is None:
+                raise WriterUnavailable(
+                    "the service is stopping"
+                    if self._closing
+                    else "the database writer is restarting, retry shortly"
+                )
+            key = next(self._keys)
+            self._pending[key] = future
+            try:
+                self._conn.send((key, batch))
+            except (OSError, ValueError) as exc:
+                self._pending.pop(key, None)
+                raise WriterUnavailable(
+                    f"the database writer is not answering ({type(exc).__name__}); it is being "
+                    "restarted, retry shortly"
+                ) from None
+        return future
+
+    def _read(self) -> None:
+        """Answers to futures; when the process goes, fail what it held and start a new one."""
+        while True:
+            conn = self._conn
+            try:
+                key, status, payload = conn.recv()
+            except (EOFError, OSError):
+                if self._gone():
+                    return
+                continue
+            with self._lock:
+                future = self._pending.pop(key, None)
+            if future is None:
+                continue
+            if status == "ok":
+                future.set_result(payload)
+            else:
+                future.set_exception(_rebuild(payload))
+
+    def _gone(self) -> bool:
+        """The process closed its end: True when that was the end of the service."""
+        proc = self._proc
+        proc.join(10)
+        if proc.is_alive():  # closed its end but hangs
+            proc.kill()
+            proc.join(5)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._conn.close()
+            self._conn = None
+            closing = self._closing
+        reason = WriterUnavailable(
+            f"the database writer exited (code {proc.exitcode}); a new one is starting, retry"
+        )
+        for future in pending.values():
+            future.set_exception(reason)
+        if closing or EXITING.is_set():
+            return True
+        log.error("database writer exited (code %s); starting a new one", proc.exitcode)
+        while True:
+            try:
+                self._start()
+                self.restarts += 1
+                return False
+            except WriterUnavailable as exc:
+                log.error("database writer did not restart: %s; trying again in 5 s", exc)
+                time.sleep(5)
+                if self._closing:
+                    return True
+
+    def close(self) -> None:
+        """Write what was submitted, then stop the process."""
+        with self._lock:
+            self._closing = True
+            conn = self._conn
+            if conn is not None:
+                try:
+                    conn.send(None)
+                except (OSError, ValueError):
+                    pass
+        if self._reader is not None:
+            self._reader.join(timeout=60)
+        proc = self._proc if self._reader is not None else self._starting[1]
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(5)

@@ -25,6 +25,7 @@ from app.api.deps import (
 from app.core.batcher import BatchResult, Overloaded
 from app.core.inference import Classifier, Decoded
 from app.core.model_process import ModelProcessFailed
+from app.core.writer import WriterUnavailable
 from app.crud import (
     InvalidFilter,
     InvalidLabel,
@@ -271,7 +272,12 @@ async def create_prediction(
     items = _build_items(classifier, uploads, decoded, result)
     _count(request.app.state.metrics, items, result)
     batch = PredictionBatch(items, classifier.classes, source, part_id)
-    preds = await asyncio.wrap_future(request.app.state.writer.submit(batch))
+    try:
+        preds = await asyncio.wrap_future(request.app.state.writer.submit(batch))
+    except WriterUnavailable as exc:
+        raise HTTPException(
+            503, detail=f"database writer unavailable: {exc}", headers={"Retry-After": "2"}
+        ) from None
     t4 = time.perf_counter()
     data = [to_public(p) for p in preds]
     body = PredictionsPublic(data=data, count=len(data)).model_dump_json()

@@ -1,0 +1,142 @@
+"""The database writer in a process of its own: the answers, the rows and the files it stores,
+its errors as the service's own, and its recovery when it dies. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from app.core.config import Settings
+from app.core.db import upgrade
+from app.core.storage import ImageStore
+from app.core.writer import GroupWriter, WriterProcess, WriterUnavailable
+from app.crud import NewImage, NewOutput, PredictionBatch
+from app.main import create_app
+from tests.service import CLASSES, make_key, png_bytes, train_small_run
+
+
+def _batch(seed: int, label: str | None = "dent") -> PredictionBatch:
+    data = png_bytes(seed)
+    image = NewImage(hashlib.sha256(data).hexdigest(), data, "image/png", 32, 32, f"p{seed}.png")
+    out = NewOutput("baseline", "v1", label, 0.9, {"dent": 0.9}, 1.0)  # type: ignore[arg-type]
+    return PredictionBatch([(image, [out])], CLASSES, "line-1", f"part-{seed}")
+
+
+def test_the_writer_process_stores_as_the_thread_does(db_url: str, tmp_path: Path) -> None:
+    upgrade(db_url)
+    store = ImageStore(tmp_path / "images")
+    writer = WriterProcess(db_url, store.root)
+    try:
+        assert writer.pid not in (None, os.getpid())
+        futures = [writer.submit(_batch(s)) for s in (1, 2, 3, 2)]  # the last: a repeat upload
+        stored = [f.result(timeout=30)[0] for f in futures]
+    finally:
+        writer.close()
+    assert len({p.id for p in stored}) == 4 and all(p.id > 0 for p in stored)
+    assert [p.part_id for p in stored] == ["part-1", "part-2", "part-3", "part-2"]
+    assert stored[0].outputs[0].label == "dent" and stored[0].agree
+    assert stored[1].image_sha256 == stored[3].image_sha256
+    assert sum(1 for p in store.root.rglob("*") if p.is_file()) == 3  # each image once
+    assert writer.pid is not None and not writer._proc.is_alive()  # closed: the process ended
+
+
+def test_its_errors_are_the_service_errors_and_one_bad_request_fails_alone(
+    db_url: str, tmp_path: Path
+) -> None:
+    upgrade(db_url)
+    store = ImageStore(tmp_path / "images")
+    writer = WriterProcess(db_url, store.root)
+    try:
+        futures = [writer.submit(b) for b in (_batch(11), _batch(12, None), _batch(13))]
+        assert futures[0].result(timeout=30)[0].id > 0
+        with pytest.raises(IntegrityError, match="NOT NULL|not-null|null value"):
+            futures[1].result(timeout=30)
+        assert futures[2].result(timeout=30)[0].id > 0
+    finally:
+        writer.close()
+    assert not store.exists(_batch(12).items[0][0].sha256)  # the failed request left no file
+    with pytest.raises(WriterUnavailable, match="stopping"):
+        writer.submit(_batch(14))
+
+
+def test_a_broken_database_is_an_operational_error(tmp_path: Path) -> None:
+    """What the service answers with 503 ("database unavailable") arrives as that kind."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'maxmin.db'}"
+    upgrade(url)
+    writer = WriterProcess(url, tmp_path / "images")
+    try:
+        assert writer.submit(_batch(21)).result(timeout=30)[0].id == 1
+        with sqlite3.connect(tmp_path / "maxmin.db") as conn:
+            conn.execute("DROP TABLE model_outputs")
+        with pytest.raises(OperationalError, match="no such table"):
+            writer.submit(_batch(22)).result(timeout=30)
+    finally:
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_small_run(tmp_path_factory.mktemp("writer"))
+
+
+def test_a_killed_writer_gives_503_then_a_new_one_stores(
+    db_url: str, run_dir: Path, tmp_path: Path
+) -> None:
+    upgrade(db_url)
+    settings = Settings(
+        data_dir=tmp_path / "var",
+        database_url=db_url,
+        run_dir=run_dir,
+        device="cpu",
+        writer_process="true",
+    )
+    upload = [("files", ("a.png", png_bytes(3), "image/png"))]
+    with TestClient(create_app(settings), headers={"X-API-Key": make_key(db_url)}) as client:
+        writer = client.app.state.writer
+        assert isinstance(writer, WriterProcess)
+        assert client.post("/predict", files=upload).status_code == 200
+        first = writer.pid
+        os.kill(first, signal.SIGKILL)
+        r = client.post("/predict", files=upload)
+        # The kill lands before the request is sent (503: restarting, or a new process answers)
+        # or while it is in flight (503 naming the exit); never a 500.
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 503:
+            assert "database writer unavailable" in r.json()["detail"]
+            assert r.headers["Retry-After"]
+        deadline = time.monotonic() + 60
+        while writer.pid in (None, first) or writer._conn is None:
+            assert time.monotonic() < deadline, "no new writer process"
+            time.sleep(0.1)
+        assert writer.restarts == 1
+        r = client.post("/predict", files=upload)
+        assert r.status_code == 200, r.text
+        listed = client.get("/predictions").json()
+        assert listed["count"] in (2, 3)  # the in-flight one may have been committed
+        assert all(set(p["results"]) == {"baseline", "maxmin"} for p in listed["data"])
+
+
+def test_on_the_cpu_the_writer_is_a_thread_by_default(
+    db_url: str, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upgrade(db_url)
+    monkeypatch.setenv("MAXMIN_WRITER_PROCESS", "auto")
+    settings = Settings(
+        data_dir=tmp_path / "var", database_url=db_url, run_dir=run_dir, device="cpu"
+    )
+    assert Settings(writer_process="off").writer_process == "false"
+    upload = [("files", ("a.png", png_bytes(5), "image/png"))]
+    with TestClient(create_app(settings), headers={"X-API-Key": make_key(db_url)}) as client:
+        assert type(client.app.state.writer) is GroupWriter
+        r = client.post("/predict", files=upload)
+        assert r.status_code == 200, r.text
+        assert client.get("/predictions").json()["count"] == 1
