@@ -98,6 +98,37 @@ def _worker(url: str, images_dir: str, locked: bool, clients: int, seconds: floa
     return [x for lat in latencies for x in lat], errors[0]
 
 
+STATS = ("predictions_per_s", "p50_ms", "p90_ms", "p99_ms")
+
+
+def latency_stats(latencies_ms: list[float], seconds: float) -> dict:
+    """Predictions per second and write latency percentiles of one run."""
+    lat = np.asarray(latencies_ms or [float("nan")])
+    return {
+        "predictions_per_s": round(len(latencies_ms) / seconds, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p90_ms": round(float(np.percentile(lat, 90)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    }
+
+
+def medians(per_way: dict[str, list[dict]]) -> dict:
+    return {
+        way: {k: round(statistics.median(r[k] for r in rows), 2) for k in STATS}
+        for way, rows in per_way.items()
+    }
+
+
+def write_results(args: argparse.Namespace, runs: list[dict], summary: list[dict]) -> None:
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {"args": vars(args) | {"out": str(args.out)}, "runs": runs, "summary": summary},
+                indent=1,
+            )
+        )
+
+
 def run_once(workers: int, clients: int, seconds: float, locked: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/maxmin.db"
@@ -114,18 +145,15 @@ def run_once(workers: int, clients: int, seconds: float, locked: bool) -> dict:
         with engine.connect() as conn:
             rows = conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one()
         engine.dispose()
-    lat = np.asarray([x for p in parts for x in p[0]])
+    lat = [x for p in parts for x in p[0]]
     return {
         "way": "write lock" if locked else "busy timeout",
         "workers": workers,
         "clients_per_worker": clients,
-        "predictions": int(lat.size),
+        "predictions": len(lat),
         "rows_stored": int(rows),
         "errors": sum(p[1] for p in parts),
-        "predictions_per_s": round(lat.size / seconds, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 2),
-        "p90_ms": round(float(np.percentile(lat, 90)), 2),
-        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        **latency_stats(lat, seconds),
     }
 
 
@@ -146,13 +174,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 runs.append(row)
                 per_way[row["way"]].append(row)
-        med = {
-            way: {
-                k: round(statistics.median(r[k] for r in rows), 2)
-                for k in ("predictions_per_s", "p50_ms", "p90_ms", "p99_ms")
-            }
-            for way, rows in per_way.items()
-        }
+        med = medians(per_way)
         line = {
             "workers": workers,
             "clients_per_worker": args.clients,
@@ -163,13 +185,7 @@ def main() -> None:
         }
         print(json.dumps(line), flush=True)
         summary.append(line)
-    if args.out:
-        args.out.write_text(
-            json.dumps(
-                {"args": vars(args) | {"out": str(args.out)}, "runs": runs, "summary": summary},
-                indent=1,
-            )
-        )
+    write_results(args, runs, summary)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from db_bench import _batch, _images  # noqa: E402
+from db_bench import _batch, _images, latency_stats, medians, write_results  # noqa: E402
 
 from app.core.db import make_engine, session_factory, upgrade, write_lock  # noqa: E402
 from app.core.storage import ImageStore  # noqa: E402
@@ -108,19 +106,16 @@ def run_once(way: str, workers: int, clients: int, busy: float, seconds: float) 
         with engine.connect() as conn:
             rows = conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one()
         engine.dispose()
-    lat = np.asarray([x for p in parts for x in p[0]] or [float("nan")])
+    lat = [x for p in parts for x in p[0]]
     return {
         "way": way,
         "busy": busy,
         "workers": workers,
         "clients_per_worker": clients,
-        "predictions": int(np.isfinite(lat).sum()),
+        "predictions": len(lat),
         "rows_stored": int(rows),
         "errors": sum(p[1] for p in parts),
-        "predictions_per_s": round(int(np.isfinite(lat).sum()) / seconds, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 2),
-        "p90_ms": round(float(np.percentile(lat, 90)), 2),
-        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        **latency_stats(lat, seconds),
     }
 
 
@@ -205,13 +200,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 runs.append(row)
                 per_way[way].append(row)
-        med = {
-            way: {
-                k: round(statistics.median(r[k] for r in rows), 2)
-                for k in ("predictions_per_s", "p50_ms", "p90_ms", "p99_ms")
-            }
-            for way, rows in per_way.items()
-        }
+        med = medians(per_way)
         line = {
             "busy": busy,
             "workers": args.workers,
@@ -223,13 +212,7 @@ def main() -> None:
         }
         print(json.dumps(line), flush=True)
         summary.append(line)
-    if args.out:
-        args.out.write_text(
-            json.dumps(
-                {"args": vars(args) | {"out": str(args.out)}, "runs": runs, "summary": summary},
-                indent=1,
-            )
-        )
+    write_results(args, runs, summary)
 
 
 if __name__ == "__main__":
