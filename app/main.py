@@ -37,7 +37,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import check_schema, make_engine, session_factory, write_lock
 from app.core.inference import Classifier, ModelsUnavailable
 from app.core.limits import BodyLimitMiddleware
-from app.core.model_host import HostRun, ModelHostClient
+from app.core.model_host import HostRun, ModelHostClient, ModelHostUnreachable
 from app.core.model_process import ModelProcess, ModelProcessFailed
 from app.core.observability import Metrics, ObserveMiddleware
 from app.core.security import KeyCache, session_secret
@@ -152,10 +152,19 @@ def load_models(app: FastAPI) -> None:
         install_models(app, *build_models(app, run_dir))
     except LOAD_ERRORS as exc:
         app.state.models_error = f"cannot load models from {run_dir}: {exc}"
-        app.state.failed_run = (Path(run_dir).resolve(), time.monotonic())
+        app.state.failed_run = _failed(run_dir, exc)
         log.error(app.state.models_error)
         return
     _keep_serving(app, run_dir)
+
+
+def _failed(run_dir: Path, exc: Exception) -> tuple[Path, float] | None:
+    """What the follower remembers of a run that did not load, so as not to try it again before
+    ``retry_s``; nothing when only the shared model process was down (being restarted): that is
+    tried again at the next check."""
+    if isinstance(exc, ModelHostUnreachable):
+        return None
+    return (Path(run_dir).resolve(), time.monotonic())
 
 
 def _keep_serving(app: FastAPI, run_dir: Path) -> None:
@@ -195,7 +204,7 @@ def _follow_served_run(app: FastAPI, retry_s: float) -> bool:
     try:
         classifier, runner = build_models(app, run_dir)
     except LOAD_ERRORS as exc:
-        app.state.failed_run = (run_dir, time.monotonic())
+        app.state.failed_run = _failed(run_dir, exc)
         problem = f"cannot load models from {run_dir}: {exc}"
         log.error(problem)
         if current is None:
@@ -261,7 +270,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.writer = writer
     app.state.decode_pool = ThreadPoolExecutor(settings.core_share, thread_name_prefix="decode")
     follower = None
-    if settings.reload_seconds > 0 and settings.run_dir is None:
+    # With MAXMIN_RUN_DIR set, the follower only loads that run again if it failed to load.
+    if settings.reload_seconds > 0:
         follower = asyncio.create_task(_follow(app, settings.reload_seconds))
     # Everything loaded so far lives as long as the service: keep it out of the garbage
     # collector's full passes, which otherwise walk every object of torch, SQLAlchemy and FastAPI

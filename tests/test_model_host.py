@@ -154,3 +154,43 @@ def test_a_host_on_cuda_answers_as_the_models_in_process(run_dir: Path, device) 
         client.close()
     finally:
         h.close()
+
+
+def test_a_worker_that_starts_while_the_shared_process_is_down_serves_once_it_is_back(
+    host: ModelHost, run_dir: Path, tmp_path: Path
+) -> None:
+    """A worker whose models could not load because the shared model process was being restarted
+    says so in /readyz and loads them at its next check, also with the run pinned."""
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.core.db import upgrade
+    from app.main import create_app
+    from tests.service import make_key
+
+    url = f"sqlite:///{tmp_path / 'maxmin.db'}"
+    upgrade(url)
+    settings = Settings(
+        data_dir=tmp_path / "var",
+        database_url=url,
+        run_dir=run_dir,
+        device="cpu",
+        reload_seconds=0.2,
+        model_host=host.address,
+        model_host_key=host.authkey.hex(),
+    )
+    host._stopping.set()  # no automatic restart: the test brings it back itself
+    os.kill(host.pid, signal.SIGKILL)
+    host._proc.join(10)
+    with TestClient(create_app(settings), headers={"X-API-Key": make_key(url)}) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        assert "shared model process is not answering" in r.json()["detail"], r.text
+        host._stopping.clear()
+        host._start()  # as the serve command's watchdog does
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").text
+            time.sleep(0.1)
+        r = client.post("/predict", files=[("files", ("a.png", png_bytes(1), "image/png"))])
+        assert r.status_code == 200, r.text

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     writer_process: Literal["auto", "true", "false"] = "auto"
     model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
     # How often each worker checks which run to serve (the one chosen last) and switches to it
-    # without a restart; 0: only at start. Not with MAXMIN_RUN_DIR.
+    # without a restart; 0: only at start. With MAXMIN_RUN_DIR: loads that run again if it failed.
     reload_seconds: float = 5.0
     # Several workers: one model process for all of them (app/core/model_host.py), or one each.
     # auto: shared on a GPU (one CUDA context, merged batches); one each on the CPU, where with 2

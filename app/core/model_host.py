@@ -269,6 +269,11 @@ class ModelHost:
         shutil.rmtree(self._folder, ignore_errors=True)
 
 
+class ModelHostUnreachable(ModelProcessFailed):
+    """The shared model process cannot be reached: it died and the serve command is starting a
+    new one, so a worker tries again at its next check rather than giving up on the run."""
+
+
 class ModelHostClient:
     """A worker's connection to the host: ``classify`` as in ``ModelProcess``, one batch at a
     time; a lost connection fails the batch (503) and the next batch reconnects."""
@@ -302,9 +307,9 @@ class ModelHostClient:
                 except (EOFError, OSError, AuthenticationError) as exc:
                     self._drop()
                     if fresh or attempt:
-                        raise ModelProcessFailed(
-                            f"the model host is not answering ({type(exc).__name__}); the "
-                            "service restarts it, retry shortly"
+                        raise ModelHostUnreachable(
+                            f"the shared model process is not answering ({type(exc).__name__}); "
+                            "the service restarts it, retry shortly"
                         ) from None
                     # A connection to a host that has died since: a new host may be up already,
                     # and a call has no side effects, so once more on a new connection.
