@@ -29,7 +29,7 @@ run: install
 		$(CLI) serve --host 127.0.0.1 --port $(PORT)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check .
