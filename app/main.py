@@ -256,7 +256,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.switching, app.state.closing = threading.Lock(), False
     # The writer process (when on) starts while the models load.
     if _writer_in_process(settings):
-        writer = WriterProcess(settings.db_url, settings.images_dir, wait=False)
+        writer = WriterProcess(
+            settings.db_url,
+            settings.images_dir,
+            wait=False,
+            on_restart=app.state.metrics.writer_restarts.inc,
+        )
     else:
         lock = write_lock(settings.db_url)
         writer = GroupWriter(app.state.sessions, app.state.store, write_lock=lock)

@@ -118,6 +118,8 @@ def test_a_killed_writer_gives_503_then_a_new_one_stores(
             assert time.monotonic() < deadline, "no new writer process"
             time.sleep(0.1)
         assert writer.restarts == 1
+        metrics = client.get("/metrics").text
+        assert "maxmin_writer_process_restarts_total 1.0" in metrics, metrics
         r = client.post("/predict", files=upload)
         assert r.status_code == 200, r.text
         listed = client.get("/predictions").json()

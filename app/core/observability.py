@@ -64,6 +64,11 @@ class Metrics:
             "maxmin_disagreements", "Images the A/B models disagree on", registry=self.registry
         )
         self.model_restarts = model_restarts_counter(self.registry)
+        self.writer_restarts = Counter(
+            "maxmin_writer_process_restarts",
+            "Database writer processes replaced after dying (MAXMIN_WRITER_PROCESS)",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "maxmin_inference_batch_size",
             "Images per pass",

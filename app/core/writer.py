@@ -17,6 +17,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -207,6 +208,7 @@ class WriterProcess:
         max_group: int = 64,
         start_timeout_s: float = 60.0,
         wait: bool = True,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         self._args = (db_url, str(images_dir), max_group)
         self._start_timeout = start_timeout_s
@@ -217,6 +219,7 @@ class WriterProcess:
         self._conn: Connection | None = None
         self._proc: mp.process.BaseProcess | None = None
         self.restarts = 0
+        self._on_restart = on_restart  # called each time a new process replaces one (metrics)
         self._reader: threading.Thread | None = None
         self._spawn()
         if wait:
@@ -332,6 +335,8 @@ class WriterProcess:
             try:
                 self._start()
                 self.restarts += 1
+                if self._on_restart is not None:
+                    self._on_restart()
                 return False
             except WriterUnavailable as exc:
                 log.error("database writer did not restart: %s; trying again in 5 s", exc)
