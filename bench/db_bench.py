@@ -61,21 +61,23 @@ def _batch(data: bytes, rng: random.Random) -> PredictionBatch:
     return PredictionBatch([(image, outputs)], CLASSES, "bench", None)
 
 
-def _worker(url: str, images_dir: str, locked: bool, clients: int, seconds: float, start: float):
-    """One web worker's writer and its clients; returns request latencies (ms) and group sizes."""
-    engine = make_engine(url)
-    writer = GroupWriter(
-        session_factory(engine),
-        ImageStore(Path(images_dir)),
-        write_lock=write_lock(url) if locked else nullcontext(),
-    )
-    blobs = _images()
+def drive(
+    writer,  # noqa: ANN001 - anything with the writers' submit(batch) -> Future
+    clients: int,
+    seconds: float,
+    start: float,
+    blobs: list[bytes],
+    stride: int = 7,
+    on_start=None,  # noqa: ANN001
+) -> tuple[list[float], int]:
+    """From ``start`` for ``seconds``: ``clients`` threads that each store one image's prediction
+    and wait for it, as concurrent requests do. Returns the latencies (ms) and the errors."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0]
 
     def client(k: int) -> None:
         rng = random.Random(k)
-        i = k * 7
+        i = k * stride
         while time.perf_counter() < start + seconds:
             batch = _batch(blobs[i % len(blobs)], rng)
             i += 1
@@ -88,14 +90,28 @@ def _worker(url: str, images_dir: str, locked: bool, clients: int, seconds: floa
             latencies[k].append((time.perf_counter() - t0) * 1000)
 
     time.sleep(max(0.0, start - time.perf_counter()))
+    if on_start is not None:
+        on_start()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return [x for lat in latencies for x in lat], errors[0]
+
+
+def _worker(url: str, images_dir: str, locked: bool, clients: int, seconds: float, start: float):
+    """One web worker's writer and its clients; returns request latencies (ms) and group sizes."""
+    engine = make_engine(url)
+    writer = GroupWriter(
+        session_factory(engine),
+        ImageStore(Path(images_dir)),
+        write_lock=write_lock(url) if locked else nullcontext(),
+    )
+    result = drive(writer, clients, seconds, start, _images())
     writer.close()
     engine.dispose()
-    return [x for lat in latencies for x in lat], errors[0]
+    return result
 
 
 STATS = ("predictions_per_s", "p50_ms", "p90_ms", "p99_ms")

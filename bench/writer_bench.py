@@ -27,7 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from db_bench import _batch, _images, latency_stats, medians, write_results  # noqa: E402
+from db_bench import (  # noqa: E402
+    _batch,
+    _images,
+    drive,
+    latency_stats,
+    medians,
+    write_results,
+)
 
 from app.core.db import make_engine, session_factory, upgrade, write_lock  # noqa: E402
 from app.core.storage import ImageStore  # noqa: E402
@@ -56,38 +63,15 @@ def _worker(
         writer = GroupWriter(
             session_factory(engine), ImageStore(Path(images_dir)), write_lock=write_lock(url)
         )
-    blobs = _images(400)
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0]
-
-    def client(k: int) -> None:
-        rng = random.Random(k)
-        i = k * 37
-        while time.perf_counter() < start + seconds:
-            batch = _batch(blobs[i % len(blobs)], rng)
-            i += 1
-            t0 = time.perf_counter()
-            try:
-                writer.submit(batch).result(timeout=60)
-            except Exception:  # noqa: BLE001 - counted, the run goes on
-                errors[0] += 1
-                continue
-            latencies[k].append((time.perf_counter() - t0) * 1000)
-
     stop = threading.Event()
-    time.sleep(max(0.0, start - time.perf_counter()))
     spinner = threading.Thread(target=_busy, args=(stop, busy), daemon=True)
-    if busy > 0:
-        spinner.start()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    result = drive(
+        writer, clients, seconds, start, _images(400), 37, spinner.start if busy > 0 else None
+    )
     stop.set()
     writer.close()
     engine.dispose()
-    return [x for lat in latencies for x in lat], errors[0]
+    return result
 
 
 def run_once(way: str, workers: int, clients: int, busy: float, seconds: float) -> dict:
