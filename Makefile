@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The demo profile: 48 px and otherwise the defaults (30 epochs, 3 seeds); about a minute on a
+# The demo profile: 48 px and otherwise the defaults (30 epochs, 3 seeds); 1–4 minutes on a
 # 2-core CPU (12 epochs left one MaxMin seed in three stalled near 45 %). Trains only when
 # no demo run exists yet, then migrates the database and starts the service, whose training page
 # (/training) lists the demo data as a dataset.
