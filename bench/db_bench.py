@@ -1,12 +1,16 @@
-"""Prediction writes from several web workers into one SQLite file: SQLite's busy timeout alone
-against the service's cross-process write lock (``app.core.db.write_lock``), side by side.
+"""Prediction writes from several web workers into one SQLite file, side by side: SQLite's busy
+timeout alone against the service's cross-process write lock (``app.core.db.write_lock``), and
+each group's new image files written one after the other against several at once
+(``MAXMIN_IMAGE_WRITERS``).
 
 Each worker is a process with the service's own ``GroupWriter`` (group commit, bulk inserts, the
 image store) fed by client threads that each store one image's A/B prediction and wait for it,
 as concurrent ``/predict`` requests do. Reports predictions/s and the write latency per request
-(p50/p90/p99) for each way, alternating the two ways in each repeat. No models, no HTTP: only the
-database path. Usage:
+(p50/p90/p99) for each way, alternating the ways in each repeat. No models, no HTTP: only the
+database path. ``--new-images`` makes every request's image a new file, as on a line (otherwise
+200 images repeat, and the store writes each once). Usage:
 python bench/db_bench.py --workers 4 8 --clients 8 --seconds 5 --repeats 3 [--out FILE]
+python bench/db_bench.py --ways write-lock,parallel-files --new-images
 """
 
 from __future__ import annotations
@@ -69,9 +73,12 @@ def drive(
     blobs: list[bytes],
     stride: int = 7,
     on_start=None,  # noqa: ANN001
+    new_images: bool = False,
 ) -> tuple[list[float], int]:
     """From ``start`` for ``seconds``: ``clients`` threads that each store one image's prediction
-    and wait for it, as concurrent requests do. Returns the latencies (ms) and the errors."""
+    and wait for it, as concurrent requests do; with ``new_images`` each a new file (the blob
+    with a suffix). Returns the latencies (ms) and the errors."""
+    tag = f"{threading.get_ident()}-{time.time_ns()}"  # unique per process and run
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0]
 
@@ -79,7 +86,8 @@ def drive(
         rng = random.Random(k)
         i = k * stride
         while time.perf_counter() < start + seconds:
-            batch = _batch(blobs[i % len(blobs)], rng)
+            data = blobs[i % len(blobs)]
+            batch = _batch(data + f"{tag}-{k}-{i}".encode() if new_images else data, rng)
             i += 1
             t0 = time.perf_counter()
             try:
@@ -100,16 +108,31 @@ def drive(
     return [x for lat in latencies for x in lat], errors[0]
 
 
-def _worker(url: str, images_dir: str, locked: bool, clients: int, seconds: float, start: float):
-    """One web worker's writer and its clients; returns request latencies (ms) and group sizes."""
+# name: (the write lock taken, image files written at once per group; 0: --image-writers)
+WAYS = {"busy-timeout": (False, 1), "write-lock": (True, 1), "parallel-files": (True, 0)}
+
+
+def _worker(
+    url: str,
+    images_dir: str,
+    way: str,
+    clients: int,
+    seconds: float,
+    start: float,
+    new: bool,
+    image_writers: int,
+):  # noqa: ANN202
+    """One web worker's writer and its clients; returns request latencies (ms) and errors."""
+    locked, fixed = WAYS[way]
+    image_writers = fixed or image_writers
     engine = make_engine(url)
+    store = ImageStore(Path(images_dir), image_writers)
     writer = GroupWriter(
-        session_factory(engine),
-        ImageStore(Path(images_dir)),
-        write_lock=write_lock(url) if locked else nullcontext(),
+        session_factory(engine), store, write_lock=write_lock(url) if locked else nullcontext()
     )
-    result = drive(writer, clients, seconds, start, _images())
+    result = drive(writer, clients, seconds, start, _images(), new_images=new)
     writer.close()
+    store.close()
     engine.dispose()
     return result
 
@@ -145,7 +168,9 @@ def write_results(args: argparse.Namespace, runs: list[dict], summary: list[dict
         )
 
 
-def run_once(workers: int, clients: int, seconds: float, locked: bool) -> dict:
+def run_once(
+    workers: int, clients: int, seconds: float, way: str, new: bool = False, image_writers: int = 8
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/maxmin.db"
         upgrade(url)
@@ -153,7 +178,10 @@ def run_once(workers: int, clients: int, seconds: float, locked: bool) -> dict:
         with ctx.Pool(workers) as pool:
             start = time.perf_counter() + 3.0  # every worker imported and connected by then
             jobs = [
-                pool.apply_async(_worker, (url, f"{tmp}/images", locked, clients, seconds, start))
+                pool.apply_async(
+                    _worker,
+                    (url, f"{tmp}/images", way, clients, seconds, start, new, image_writers),
+                )
                 for _ in range(workers)
             ]
             parts = [j.get(timeout=seconds + 120) for j in jobs]
@@ -163,7 +191,9 @@ def run_once(workers: int, clients: int, seconds: float, locked: bool) -> dict:
         engine.dispose()
     lat = [x for p in parts for x in p[0]]
     return {
-        "way": "write lock" if locked else "busy timeout",
+        "way": way,
+        "image_writers": WAYS[way][1] or image_writers,
+        "new_images": new,
         "workers": workers,
         "clients_per_worker": clients,
         "predictions": len(lat),
@@ -179,25 +209,42 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent requests per worker")
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--ways",
+        default="busy-timeout,write-lock",
+        help=f"comma-separated, the first is the reference: {', '.join(WAYS)}",
+    )
+    parser.add_argument("--new-images", action="store_true", help="every request a new file")
+    parser.add_argument(
+        "--image-writers", type=int, default=8, help="threads per group's files in parallel-files"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    unknown = [w for w in ways if w not in WAYS]
+    if unknown or not ways:
+        parser.error(f"unknown ways {unknown}; choose from {', '.join(WAYS)}")
     runs, summary = [], []
     for workers in args.workers:
-        per_way: dict[str, list[dict]] = {"busy timeout": [], "write lock": []}
-        for _ in range(args.repeats):
-            for locked in (False, True):
-                row = run_once(workers, args.clients, args.seconds, locked)
+        per_way: dict[str, list[dict]] = {w: [] for w in ways}
+        for r in range(args.repeats):
+            for way in ways if r % 2 == 0 else ways[::-1]:
+                row = run_once(
+                    workers, args.clients, args.seconds, way, args.new_images, args.image_writers
+                )
                 print(json.dumps(row), flush=True)
                 runs.append(row)
-                per_way[row["way"]].append(row)
+                per_way[way].append(row)
         med = medians(per_way)
+        first = med[ways[0]]["predictions_per_s"]
         line = {
             "workers": workers,
             "clients_per_worker": args.clients,
+            "new_images": args.new_images,
             "median": med,
-            "ratio_predictions_per_s": round(
-                med["write lock"]["predictions_per_s"] / med["busy timeout"]["predictions_per_s"], 2
-            ),
+            "ratio_predictions_per_s": {
+                w: round(med[w]["predictions_per_s"] / first, 2) for w in ways[1:]
+            },
         }
         print(json.dumps(line), flush=True)
         summary.append(line)

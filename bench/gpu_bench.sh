@@ -2,8 +2,9 @@
 # One pass on a GPU machine for the speed work, most important first, each written out as it ends:
 # the model-level GPU tests, the full NEU PoC on CUDA (CUDA-graph steps), serving at 8 workers
 # (database writer as a process and as a thread), the training benchmark at 30 epochs, the
-# service's GPU tests, serving at 4 workers from concurrency 1 to 128, the database write path, fused
-# MaxMin, the NEU PoC with eager steps; then a summary against the GPU targets. At most 8 files
+# database write path (image files one by one and at once), the service's GPU tests, serving at
+# 4 workers from concurrency 1 to 128, fused MaxMin, the NEU PoC with eager steps; then a summary
+# against the GPU targets. At most 8 files
 # under OUT_DIR (test results go into log.txt).
 # Every step is bounded; the whole pass keeps within GPU_BENCH_BUDGET seconds (default 550),
 # skipping what no longer fits. GPU_BENCH_DEVICE=cpu runs the same steps on a machine without a GPU
@@ -66,6 +67,11 @@ T=$(within 330) && timeout "$T" python3 bench/train_bench.py "$NEU" --device $DE
     --repeats 2 --sides plain,ours --out "$OUT/train_bench.json" 2>&1 | tail -3 \
     | tee -a "$OUT/log.txt"
 
+log "database write path, 8 workers, a new image per request: files one by one, and 2 at once"
+T=$(within 60) && timeout "$T" python3 bench/db_bench.py --workers 8 --clients 8 --seconds 3 \
+    --repeats 1 --ways write-lock,parallel-files --image-writers 2 --new-images \
+    --out "$OUT/db.json" 2>&1 | grep ratio | tee -a "$OUT/log.txt"
+
 log "GPU tests: the service (batcher, model processes, API) on CUDA"
 T=$(within 120) && MAXMIN_TEST_DEVICE=$DEVICE timeout "$T" python3 -m pytest -q -p no:cacheprovider \
     tests/test_writer_process.py tests/test_batcher.py tests/test_model_process.py \
@@ -76,10 +82,6 @@ log "serving benchmark (CUDA), 4 workers"
 T=$(within 130) && timeout "$T" python3 bench/serve_bench.py /tmp/neu-gpu "$NEU" --device $DEVICE \
     --workers 4 --client-procs 4 --seconds 5 --concurrency 1 8 32 64 128 \
     --out "$OUT/serve.json" 2>&1 | grep "c=" | tee -a "$OUT/log.txt"
-
-log "database write path, 8 workers: SQLite busy timeout against the write lock"
-T=$(within 60) && timeout "$T" python3 bench/db_bench.py --workers 8 --clients 8 --seconds 3 \
-    --repeats 1 --out "$OUT/db.json" 2>&1 | grep ratio | tee -a "$OUT/log.txt"
 
 log "fused MaxMin benchmark (CUDA)"
 T=$(within 60) && timeout "$T" python3 bench/fused_bench.py --device $DEVICE > "$OUT/fused.json" 2>&1
@@ -117,6 +119,7 @@ for name in ("serve.json", "serve-8w.json"):
         for row in s.get(side, []):
             if row["concurrency"] == 64:
                 print(f"{name} {side} c=64: {row['requests_per_s']} req/s (target >= 2000), "
-                      f"p99 {row['p99_ms']} ms (target < 50)")
+                      f"p99 {row['p99_ms']} ms (target < 50); Server-Timing medians ms: "
+                      f"{row.get('server_timing_median_ms')}")
 PY
 log "done"

@@ -387,8 +387,12 @@ def test_server_timing_says_where_time_goes(client: TestClient) -> None:
     assert {"parse", "decode", "preprocess", "queue", "model", "db", "serialize", "batch"} <= set(
         parts
     )
-    assert float(parts["model"].split("=")[1]) > 0
-    assert float(parts["preprocess"].split("=")[1]) > 0
+    ms = {k: float(v.split("=")[1]) for k, v in parts.items() if v.startswith("dur=")}
+    assert ms["model"] > 0 and ms["preprocess"] > 0
+    # db in its parts: the wait for the writer, the new image's file, the lock, the statements
+    db_parts = ("db_wait", "db_files", "db_lock", "db_sql")
+    assert ms["db_sql"] > 0 and ms["db_files"] > 0
+    assert sum(ms[k] for k in db_parts) == pytest.approx(ms["db"], abs=0.01)
 
 
 def test_group_commit_isolates_a_failing_request(client: TestClient) -> None:
@@ -407,10 +411,10 @@ def test_group_commit_isolates_a_failing_request(client: TestClient) -> None:
     writer = client.app.state.writer
     batches = [batch(501, "dent"), batch(502, None), batch(503, "good")]  # None breaks NOT NULL
     futures = [writer.submit(b) for b in batches]
-    assert futures[0].result(timeout=30)[0].id > 0
+    assert futures[0].result(timeout=30).predictions[0].id > 0
     with pytest.raises(IntegrityError):
         futures[1].result(timeout=30)
-    assert futures[2].result(timeout=30)[0].id > 0
+    assert futures[2].result(timeout=30).predictions[0].id > 0
     # Exactly the two good requests were stored, with their files; the failed one left nothing.
     assert counts(client) == (2, 2, 2, 0, 2)
     assert not client.app.state.store.exists(batches[1].items[0][0].sha256)

@@ -81,7 +81,7 @@ def _worker(url: str, images: str, worker: int, clients: int, each: int) -> list
     def client(c: int) -> None:
         for i in range(each):
             try:
-                preds = writer.submit(_batch(worker, c, i)).result(timeout=60)
+                preds = writer.submit(_batch(worker, c, i)).result(timeout=60).predictions
             except Exception as exc:  # noqa: BLE001 - reported to the test
                 problems.append(f"{type(exc).__name__}: {exc}")
                 continue

@@ -36,9 +36,12 @@ def test_the_writer_process_stores_as_the_thread_does(db_url: str, tmp_path: Pat
     try:
         assert writer.pid not in (None, os.getpid())
         futures = [writer.submit(_batch(s)) for s in (1, 2, 3, 2)]  # the last: a repeat upload
-        stored = [f.result(timeout=30)[0] for f in futures]
+        written = [f.result(timeout=30) for f in futures]
     finally:
         writer.close()
+    stored = [w.predictions[0] for w in written]
+    # where each group's time went comes back too: every group ran statements and a commit
+    assert all(w.timing.sql > 0 and w.timing.files > 0 for w in written)
     assert len({p.id for p in stored}) == 4 and all(p.id > 0 for p in stored)
     assert [p.part_id for p in stored] == ["part-1", "part-2", "part-3", "part-2"]
     assert stored[0].outputs[0].label == "dent" and stored[0].agree
@@ -55,10 +58,10 @@ def test_its_errors_are_the_service_errors_and_one_bad_request_fails_alone(
     writer = WriterProcess(db_url, store.root)
     try:
         futures = [writer.submit(b) for b in (_batch(11), _batch(12, None), _batch(13))]
-        assert futures[0].result(timeout=30)[0].id > 0
+        assert futures[0].result(timeout=30).predictions[0].id > 0
         with pytest.raises(IntegrityError, match="NOT NULL|not-null|null value"):
             futures[1].result(timeout=30)
-        assert futures[2].result(timeout=30)[0].id > 0
+        assert futures[2].result(timeout=30).predictions[0].id > 0
     finally:
         writer.close()
     assert not store.exists(_batch(12).items[0][0].sha256)  # the failed request left no file
@@ -74,7 +77,7 @@ def test_a_broken_database_is_an_operational_error(tmp_path: Path) -> None:
     upgrade(url)
     writer = WriterProcess(url, tmp_path / "images")
     try:
-        assert writer.submit(_batch(21)).result(timeout=30)[0].id == 1
+        assert writer.submit(_batch(21)).result(timeout=30).predictions[0].id == 1
         with sqlite3.connect(tmp_path / "maxmin.db") as conn:
             conn.execute("DROP TABLE model_outputs")
         with pytest.raises(OperationalError, match="no such table"):
@@ -142,3 +145,47 @@ def test_on_the_cpu_the_writer_is_a_thread_by_default(
         r = client.post("/predict", files=upload)
         assert r.status_code == 200, r.text
         assert client.get("/predictions").json()["count"] == 1
+
+
+def test_image_files_written_at_once_each_once_and_none_left_when_the_group_fails(
+    db_url: str, tmp_path: Path
+) -> None:
+    """MAXMIN_IMAGE_WRITERS > 1: a group's files are written by several threads; when one file
+    cannot be written, the group fails and the files the others wrote are removed again."""
+    from sqlalchemy import func, select
+
+    from app.core.db import make_engine, session_factory, write_lock
+    from app.crud import WriteTiming, store_batches
+    from app.tables import Prediction
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = session_factory(engine)
+    store = ImageStore(tmp_path / "images", writers=4)
+    try:
+        batches = [_batch(s) for s in (31, 32, 33, 34, 32)]  # one repeat upload in the group
+        timing = WriteTiming()
+        with sessions() as session:
+            stored = store_batches(session, store, batches, write_lock(db_url), timing)
+        assert [p[0].part_id for p in stored] == [f"part-{s}" for s in (31, 32, 33, 34, 32)]
+        assert sum(1 for p in store.root.rglob("*") if p.is_file()) == 4  # each image once
+        assert timing.files > 0 and timing.sql > 0
+
+        # A file where one image's folder must go: that image cannot be written.
+        good = [_batch(s) for s in range(40, 60)]
+        bad = next(
+            b
+            for b in (_batch(s) for s in range(60, 200))
+            if all(b.items[0][0].sha256[:2] != g.items[0][0].sha256[:2] for g in good)
+            and not (store.root / b.items[0][0].sha256[:2]).exists()
+        )
+        (store.root / bad.items[0][0].sha256[:2]).write_bytes(b"not a folder")
+        with sessions() as session, pytest.raises(OSError):
+            store_batches(session, store, [bad, *good], write_lock(db_url))
+        assert sum(1 for p in store.root.rglob("*") if p.is_file()) == 4 + 1  # + the blocker
+        assert not any(store.exists(b.items[0][0].sha256) for b in good)
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(Prediction)).scalar_one() == 5
+    finally:
+        store.close()
+        engine.dispose()

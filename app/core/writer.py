@@ -29,9 +29,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.model_process import EXITING
 from app.core.storage import ImageStore
-from app.crud import PredictionBatch, store_batches
+from app.crud import PredictionBatch, StoredPrediction, WriteTiming, store_batches
 
 log = logging.getLogger("maxmin_inspect")
+
+
+@dataclass
+class Written:
+    """A request's stored predictions, and where its group commit's time went."""
+
+    predictions: list[StoredPrediction]
+    timing: WriteTiming
 
 
 @dataclass
@@ -41,7 +49,8 @@ class _Job:
 
 
 class GroupWriter:
-    """One writer thread draining a bounded queue of prediction batches."""
+    """One writer thread draining a bounded queue of prediction batches; each ``submit`` gives a
+    future of the request's ``Written``."""
 
     def __init__(
         self,
@@ -88,10 +97,11 @@ class GroupWriter:
             self._write(jobs)
 
     def _write(self, jobs: list[_Job]) -> None:
+        timing = WriteTiming()
         try:
             with self.sessions() as session:
                 batches = [j.batch for j in jobs]
-                results = store_batches(session, self.store, batches, self.write_lock)
+                results = store_batches(session, self.store, batches, self.write_lock, timing)
         except Exception as exc:  # noqa: BLE001 - each request must hear of its own fate
             if len(jobs) == 1:
                 jobs[0].future.set_exception(exc)
@@ -100,7 +110,7 @@ class GroupWriter:
                 self._write([j])
             return
         for j, preds in zip(jobs, results, strict=True):
-            j.future.set_result(preds)
+            j.future.set_result(Written(preds, timing))
 
 
 class WriterUnavailable(RuntimeError):
@@ -135,7 +145,9 @@ def _rebuild(payload: tuple) -> BaseException:
     return RuntimeError(rest[0])
 
 
-def _writer_main(db_url: str, images_dir: str, max_group: int, conn: Connection) -> None:
+def _writer_main(
+    db_url: str, images_dir: str, max_group: int, image_writers: int, conn: Connection
+) -> None:
     """The writer process: a ``GroupWriter`` fed over ``conn``, each answer sent back by key."""
     # The worker stops it (after what was submitted is written), or it ends when the worker dies;
     # a signal to the whole process group must not drop requests the worker still waits for.
@@ -145,9 +157,10 @@ def _writer_main(db_url: str, images_dir: str, max_group: int, conn: Connection)
     from app.core.db import make_engine, session_factory, write_lock
 
     engine = make_engine(db_url)
+    store = ImageStore(Path(images_dir), image_writers)
     writer = GroupWriter(
         session_factory(engine),
-        ImageStore(Path(images_dir)),
+        store,
         max_group=max_group,
         write_lock=write_lock(db_url),
     )
@@ -183,6 +196,7 @@ def _writer_main(db_url: str, images_dir: str, max_group: int, conn: Connection)
             with sending:
                 conn.send((key, "error", ("unavailable", "the database writer is overloaded")))
     writer.close()  # what was submitted is written and answered first
+    store.close()
     engine.dispose()
     conn.close()
 
@@ -206,11 +220,12 @@ class WriterProcess:
         db_url: str,
         images_dir: Path,
         max_group: int = 64,
+        image_writers: int = 1,
         start_timeout_s: float = 60.0,
         wait: bool = True,
         on_restart: Callable[[], None] | None = None,
     ) -> None:
-        self._args = (db_url, str(images_dir), max_group)
+        self._args = (db_url, str(images_dir), max_group, image_writers)
         self._start_timeout = start_timeout_s
         self._lock = threading.Lock()  # the connection, the pending futures, the process
         self._pending: dict[int, Future] = {}

@@ -248,7 +248,9 @@ async def create_prediction(
     """Classify each image with every A/B model; store the image once and the predictions.
 
     The response's Server-Timing header says where the time went: parse, decode (including any
-    wait for a decoding thread), preprocess, queue (waiting for a batch), model, db, serialize.
+    wait for a decoding thread), preprocess, queue (waiting for a batch), model, db, serialize;
+    and the parts of db: db_wait (for the writer), db_files (the group's new image files), db_lock
+    (for the write lock), db_sql (statements and commit).
     """
     t0 = time.perf_counter()
     uploads, source, part_id = await _read_uploads(request, settings)
@@ -273,13 +275,13 @@ async def create_prediction(
     _count(request.app.state.metrics, items, result)
     batch = PredictionBatch(items, classifier.classes, source, part_id)
     try:
-        preds = await asyncio.wrap_future(request.app.state.writer.submit(batch))
+        written = await asyncio.wrap_future(request.app.state.writer.submit(batch))
     except WriterUnavailable as exc:
         raise HTTPException(
             503, detail=f"database writer unavailable: {exc}", headers={"Retry-After": "2"}
         ) from None
     t4 = time.perf_counter()
-    data = [to_public(p) for p in preds]
+    data = [to_public(p) for p in written.predictions]
     body = PredictionsPublic(data=data, count=len(data)).model_dump_json()
     t5 = time.perf_counter()
     preprocess = sum(d.preprocess_s for d in decoded)
@@ -291,6 +293,15 @@ async def create_prediction(
         "model": result.model_ms / 1000,
         "db": t4 - t3,
         "serialize": t5 - t4,
+    }
+    # The parts of "db": this request's group commit, and before it the wait for the writer (its
+    # queue, the group before, and on CUDA the trip to the writer process).
+    w = written.timing
+    timing |= {
+        "db_wait": max(0.0, t4 - t3 - w.files - w.lock - w.sql),
+        "db_files": w.files,
+        "db_lock": w.lock,
+        "db_sql": w.sql,
     }
     header = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timing.items())
     header += f', batch;desc="{result.batch_size}"'
