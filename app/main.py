@@ -250,7 +250,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     check_schema(engine)  # refuse an un-migrated database, naming the command to run
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
-    app.state.store = ImageStore(settings.images_dir, settings.image_writers)
+    app.state.store = ImageStore(settings.images_dir, settings.image_sync)
     app.state.host = None
     app.state.retiring = []
     app.state.switching, app.state.closing = threading.Lock(), False
@@ -259,7 +259,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         writer = WriterProcess(
             settings.db_url,
             settings.images_dir,
-            image_writers=settings.image_writers,
+            image_sync=settings.image_sync,
             wait=False,
             on_restart=app.state.metrics.writer_restarts.inc,
         )
@@ -297,7 +297,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if app.state.host is not None:
         app.state.host.close()
     app.state.writer.close()
-    app.state.store.close()
     app.state.decode_pool.shutdown(wait=True)
     engine.dispose()
 

@@ -1,7 +1,7 @@
 """Prediction writes from several web workers into one SQLite file, side by side: SQLite's busy
 timeout alone against the service's cross-process write lock (``app.core.db.write_lock``), and
-each group's new image files written one after the other against several at once
-(``MAXMIN_IMAGE_WRITERS``).
+a sync per new image file against one sync of the filesystem per group commit
+(``MAXMIN_IMAGE_SYNC``).
 
 Each worker is a process with the service's own ``GroupWriter`` (group commit, bulk inserts, the
 image store) fed by client threads that each store one image's A/B prediction and wait for it,
@@ -10,7 +10,7 @@ as concurrent ``/predict`` requests do. Reports predictions/s and the write late
 database path. ``--new-images`` makes every request's image a new file, as on a line (otherwise
 200 images repeat, and the store writes each once). Usage:
 python bench/db_bench.py --workers 4 8 --clients 8 --seconds 5 --repeats 3 [--out FILE]
-python bench/db_bench.py --ways write-lock,parallel-files --new-images
+python bench/db_bench.py --ways write-lock,group-sync --new-images
 """
 
 from __future__ import annotations
@@ -108,8 +108,12 @@ def drive(
     return [x for lat in latencies for x in lat], errors[0]
 
 
-# name: (the write lock taken, image files written at once per group; 0: --image-writers)
-WAYS = {"busy-timeout": (False, 1), "write-lock": (True, 1), "parallel-files": (True, 0)}
+# name: (the write lock taken, how new image files are synced)
+WAYS = {
+    "busy-timeout": (False, "file"),
+    "write-lock": (True, "file"),
+    "group-sync": (True, "group"),
+}
 
 
 def _worker(
@@ -120,19 +124,17 @@ def _worker(
     seconds: float,
     start: float,
     new: bool,
-    image_writers: int,
 ):  # noqa: ANN202
     """One web worker's writer and its clients; returns request latencies (ms) and errors."""
-    locked, fixed = WAYS[way]
-    image_writers = fixed or image_writers
+    locked, sync = WAYS[way]
     engine = make_engine(url)
-    store = ImageStore(Path(images_dir), image_writers)
     writer = GroupWriter(
-        session_factory(engine), store, write_lock=write_lock(url) if locked else nullcontext()
+        session_factory(engine),
+        ImageStore(Path(images_dir), sync),
+        write_lock=write_lock(url) if locked else nullcontext(),
     )
     result = drive(writer, clients, seconds, start, _images(), new_images=new)
     writer.close()
-    store.close()
     engine.dispose()
     return result
 
@@ -168,9 +170,7 @@ def write_results(args: argparse.Namespace, runs: list[dict], summary: list[dict
         )
 
 
-def run_once(
-    workers: int, clients: int, seconds: float, way: str, new: bool = False, image_writers: int = 8
-) -> dict:
+def run_once(workers: int, clients: int, seconds: float, way: str, new: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/maxmin.db"
         upgrade(url)
@@ -180,7 +180,7 @@ def run_once(
             jobs = [
                 pool.apply_async(
                     _worker,
-                    (url, f"{tmp}/images", way, clients, seconds, start, new, image_writers),
+                    (url, f"{tmp}/images", way, clients, seconds, start, new),
                 )
                 for _ in range(workers)
             ]
@@ -192,7 +192,7 @@ def run_once(
     lat = [x for p in parts for x in p[0]]
     return {
         "way": way,
-        "image_writers": WAYS[way][1] or image_writers,
+        "image_sync": WAYS[way][1],
         "new_images": new,
         "workers": workers,
         "clients_per_worker": clients,
@@ -215,9 +215,6 @@ def main() -> None:
         help=f"comma-separated, the first is the reference: {', '.join(WAYS)}",
     )
     parser.add_argument("--new-images", action="store_true", help="every request a new file")
-    parser.add_argument(
-        "--image-writers", type=int, default=8, help="threads per group's files in parallel-files"
-    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
@@ -229,9 +226,7 @@ def main() -> None:
         per_way: dict[str, list[dict]] = {w: [] for w in ways}
         for r in range(args.repeats):
             for way in ways if r % 2 == 0 else ways[::-1]:
-                row = run_once(
-                    workers, args.clients, args.seconds, way, args.new_images, args.image_writers
-                )
+                row = run_once(workers, args.clients, args.seconds, way, args.new_images)
                 print(json.dumps(row), flush=True)
                 runs.append(row)
                 per_way[way].append(row)

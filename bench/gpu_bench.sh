@@ -2,7 +2,7 @@
 # One pass on a GPU machine for the speed work, most important first, each written out as it ends:
 # the model-level GPU tests, the full NEU PoC on CUDA (CUDA-graph steps), serving at 8 workers
 # (database writer as a process and as a thread), the training benchmark at 30 epochs, the
-# database write path (image files one by one and at once), the service's GPU tests, serving at
+# database write path (a sync per image file, one per group), the service's GPU tests, serving at
 # 4 workers from concurrency 1 to 128, fused MaxMin, the NEU PoC with eager steps; then a summary
 # against the GPU targets. At most 8 files
 # under OUT_DIR (test results go into log.txt).
@@ -67,9 +67,9 @@ T=$(within 330) && timeout "$T" python3 bench/train_bench.py "$NEU" --device $DE
     --repeats 2 --sides plain,ours --out "$OUT/train_bench.json" 2>&1 | tail -3 \
     | tee -a "$OUT/log.txt"
 
-log "database write path, 8 workers, a new image per request: files one by one, and 2 at once"
+log "database write path, 8 workers, a new image per request: a sync per file, one per group"
 T=$(within 60) && timeout "$T" python3 bench/db_bench.py --workers 8 --clients 8 --seconds 3 \
-    --repeats 1 --ways write-lock,parallel-files --image-writers 2 --new-images \
+    --repeats 1 --ways write-lock,group-sync --new-images \
     --out "$OUT/db.json" 2>&1 | grep ratio | tee -a "$OUT/log.txt"
 
 log "GPU tests: the service (batcher, model processes, API) on CUDA"

@@ -119,8 +119,8 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
     with one model process shared by all workers (``service-shared``) or one per worker
     (``service-per-worker``) whatever the device, or with the database writer as a process of its
     own (``service-writer-process``) or as a thread of each worker (``service-writer-thread``)
-    whatever the device, or with each group's new image files written by ``--image-writers``
-    threads at once (``service-parallel-files``)."""
+    whatever the device, or with a sync per new image file instead of one per group
+    (``service-file-sync``)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _port()
         svc_env = {
@@ -132,13 +132,13 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
         svc_env.pop("DATABASE_URL", None)
         svc_env.pop("MAXMIN_SHARED_MODELS", None)
         svc_env.pop("MAXMIN_WRITER_PROCESS", None)
-        svc_env.pop("MAXMIN_IMAGE_WRITERS", None)
+        svc_env.pop("MAXMIN_IMAGE_SYNC", None)
         if side in ("service-shared", "service-per-worker"):
             svc_env["MAXMIN_SHARED_MODELS"] = "true" if side == "service-shared" else "false"
         if side in ("service-writer-process", "service-writer-thread"):
             svc_env["MAXMIN_WRITER_PROCESS"] = str(side == "service-writer-process").lower()
-        if side == "service-parallel-files":
-            svc_env["MAXMIN_IMAGE_WRITERS"] = str(args.image_writers)
+        if side == "service-file-sync":
+            svc_env["MAXMIN_IMAGE_SYNC"] = "file"
         # A line key, as a line system would send: the access check is part of the cost.
         made = subprocess.run(
             [sys.executable, "-m", "training.cli", "keys", "create", "--role", "line"]
@@ -158,7 +158,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             "service-per-worker": "ours-w",
             "service-writer-process": "ours-p",
             "service-writer-thread": "ours-t",
-            "service-parallel-files": "ours-f",
+            "service-file-sync": "ours-f",
         }[side]
         return _measure(name, serve, svc_env, port, args, "/readyz", load_env)
 
@@ -190,7 +190,7 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
         "service-per-worker",
         "service-writer-process",
         "service-writer-thread",
-        "service-parallel-files",
+        "service-file-sync",
     ):
         if side in args.sides:
             sides[side] = _measure_service(side, args, env)
@@ -237,14 +237,7 @@ def main() -> None:
         help="comma-separated: plain, service (default settings), service-shared (one model "
         "process for all workers), service-per-worker (one each), service-writer-process and "
         "service-writer-thread (the database writer as a process of its own, or as a thread of "
-        "each worker), service-parallel-files (a group's new image files written by "
-        "--image-writers threads at once)",
-    )
-    parser.add_argument(
-        "--image-writers",
-        type=int,
-        default=2,
-        help="service-parallel-files: its MAXMIN_IMAGE_WRITERS",
+        "each worker), service-file-sync (a sync per new image file, MAXMIN_IMAGE_SYNC=file)",
     )
     args = parser.parse_args()
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -270,7 +263,7 @@ def main() -> None:
         "throughput_ratio": ("service", "plain"),
         "shared_over_per_worker": ("service-shared", "service-per-worker"),
         "writer_process_over_thread": ("service-writer-process", "service-writer-thread"),
-        "parallel_files_over_one_by_one": ("service-parallel-files", "service"),
+        "group_sync_over_file_sync": ("service", "service-file-sync"),
     }.items():
         if a in summary and b in summary:
             summary[name] = {

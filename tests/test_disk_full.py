@@ -65,6 +65,22 @@ def test_full_disk_gives_503_then_recovers(small_disk: Path, tmp_path: Path) -> 
             images = conn.execute(select(func.count()).select_from(StoredImage)).scalar_one()
         assert (rows, images) == (1, 1)  # nothing half-written
         assert not client.app.state.store.exists(hashlib.sha256(image).hexdigest())
+        # Two new images in one request: one group of files under one filesystem sync.
+        pair = [jpeg_bytes(3, size=96), jpeg_bytes(4, size=96)]
+        r = client.post(
+            "/predict",
+            files=[("files", (f"{k}.jpg", data, "image/jpeg")) for k, data in enumerate(pair)],
+        )
+        assert r.status_code == 503 and "storage is full" in r.json()["detail"]
+        store = client.app.state.store
+        assert not any(store.exists(hashlib.sha256(data).hexdigest()) for data in pair)
+        assert not list(small_disk.rglob(".tmp-*"))  # no temporary file left behind
         filler.unlink()
         r = client.post("/predict", files=[("files", ("b.jpg", image, "image/jpeg"))])
         assert r.status_code == 200
+        r = client.post(
+            "/predict",
+            files=[("files", (f"{k}.jpg", data, "image/jpeg")) for k, data in enumerate(pair)],
+        )
+        assert r.status_code == 200
+        assert all(store.path(hashlib.sha256(d).hexdigest()).read_bytes() == d for d in pair)

@@ -147,11 +147,13 @@ def test_on_the_cpu_the_writer_is_a_thread_by_default(
         assert client.get("/predictions").json()["count"] == 1
 
 
-def test_image_files_written_at_once_each_once_and_none_left_when_the_group_fails(
-    db_url: str, tmp_path: Path
+@pytest.mark.parametrize("sync", ["group", "file"])
+def test_a_groups_image_files_each_once_and_none_left_when_the_group_fails(
+    db_url: str, tmp_path: Path, sync: str
 ) -> None:
-    """MAXMIN_IMAGE_WRITERS > 1: a group's files are written by several threads; when one file
-    cannot be written, the group fails and the files the others wrote are removed again."""
+    """A group commit's new image files (one filesystem sync for them all, or one each): each
+    stored once with its bytes; when one file cannot be written, the group fails and the files
+    the others made are removed again, temporary ones included."""
     from sqlalchemy import func, select
 
     from app.core.db import make_engine, session_factory, write_lock
@@ -161,14 +163,18 @@ def test_image_files_written_at_once_each_once_and_none_left_when_the_group_fail
     upgrade(db_url)
     engine = make_engine(db_url)
     sessions = session_factory(engine)
-    store = ImageStore(tmp_path / "images", writers=4)
+    store = ImageStore(tmp_path / "images", sync=sync)
     try:
         batches = [_batch(s) for s in (31, 32, 33, 34, 32)]  # one repeat upload in the group
         timing = WriteTiming()
         with sessions() as session:
             stored = store_batches(session, store, batches, write_lock(db_url), timing)
         assert [p[0].part_id for p in stored] == [f"part-{s}" for s in (31, 32, 33, 34, 32)]
-        assert sum(1 for p in store.root.rglob("*") if p.is_file()) == 4  # each image once
+        files = sorted(p for p in store.root.rglob("*") if p.is_file())
+        assert len(files) == 4  # each image once, no temporary file left
+        for b in batches:
+            image = b.items[0][0]
+            assert store.path(image.sha256).read_bytes() == image.data
         assert timing.files > 0 and timing.sql > 0
 
         # A file where one image's folder must go: that image cannot be written.
@@ -181,11 +187,43 @@ def test_image_files_written_at_once_each_once_and_none_left_when_the_group_fail
         )
         (store.root / bad.items[0][0].sha256[:2]).write_bytes(b"not a folder")
         with sessions() as session, pytest.raises(OSError):
-            store_batches(session, store, [bad, *good], write_lock(db_url))
-        assert sum(1 for p in store.root.rglob("*") if p.is_file()) == 4 + 1  # + the blocker
-        assert not any(store.exists(b.items[0][0].sha256) for b in good)
+            store_batches(session, store, [*good, bad], write_lock(db_url))
+        assert sorted(p for p in store.root.rglob("*") if p.is_file()) == sorted(
+            [*files, store.root / bad.items[0][0].sha256[:2]]
+        )
         with engine.connect() as conn:
             assert conn.execute(select(func.count()).select_from(Prediction)).scalar_one() == 5
     finally:
-        store.close()
         engine.dispose()
+
+
+def test_where_the_system_refuses_a_filesystem_sync_the_store_syncs_each_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A system-call filter that refuses syncfs (ENOSYS, EPERM) costs speed, not uploads; a
+    failed write-back (EIO) fails the group and leaves no file."""
+    import ctypes
+    import errno
+
+    import app.core.storage as storage
+
+    def refusing(code: int):  # noqa: ANN202
+        def syncfs(fd: int) -> int:
+            ctypes.set_errno(code)
+            return -1
+
+        return syncfs
+
+    images = {hashlib.sha256(d).hexdigest(): d for d in (png_bytes(s) for s in (71, 72, 73))}
+    monkeypatch.setattr(storage, "_SYNCFS", refusing(errno.EIO))
+    store = storage.ImageStore(tmp_path / "a", sync="group")
+    created: list[str] = []
+    with pytest.raises(OSError, match="syncing the image store"):
+        store.put_many(images, created)
+    assert created == [] and not [p for p in store.root.rglob("*") if p.is_file()]
+
+    monkeypatch.setattr(storage, "_SYNCFS", refusing(errno.ENOSYS))
+    store = storage.ImageStore(tmp_path / "b", sync="group")
+    store.put_many(images, created)
+    assert sorted(created) == sorted(images) and store.sync == "file"
+    assert all(store.path(sha).read_bytes() == data for sha, data in images.items())

@@ -35,13 +35,13 @@ class Settings(BaseSettings):
     # CUDA, where cheap models leave the web worker's GIL the limit; a thread on the CPU, where the
     # extra process cost 0.93x the requests/s on 2 cores (bench/results/serve-cpu-5.json).
     writer_process: Literal["auto", "true", "false"] = "auto"
-    # Threads that write and sync one group commit's new image files at once (1: one by one).
-    # Syncs issued together can share the filesystem's journal commit, which pays only where
-    # cores are idle. On 2 cores, 2 threads per writer (bench/results/db-cpu-files.json): 1.16x
-    # the predictions/s for one writer alone, 0.84x and 0.83x with 2 and 4 workers; in the
-    # service, where the models keep the cores busy, 0.91x the requests/s
-    # (bench/results/serve-cpu-files.json). Hence 1; for disks whose syncs are slow.
-    image_writers: int = Field(default=1, ge=1, le=64)
+    # How a group commit's new image files are made durable before their rows commit: group, one
+    # sync of the filesystem for all of them (Linux; elsewhere file), or file, one sync each. On 2
+    # cores with a new image per request, group stored 1.17-1.87x the predictions/s with a lower
+    # p99 (bench/results/db-cpu-sync.json); in the service it cut db from 34.2 to 14.5 ms and
+    # served 1.07x the requests/s (bench/results/serve-cpu-sync.json). A filesystem sync also
+    # flushes whatever else was written there: beside a heavy writer, file keeps each sync apart.
+    image_sync: Literal["group", "file"] = "group"
     model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
     # How often each worker checks which run to serve (the one chosen last) and switches to it
     # without a restart; 0: only at start. With MAXMIN_RUN_DIR: loads that run again if it failed.

@@ -146,7 +146,11 @@ def _rebuild(payload: tuple) -> BaseException:
 
 
 def _writer_main(
-    db_url: str, images_dir: str, max_group: int, image_writers: int, conn: Connection
+    db_url: str,
+    images_dir: str,
+    max_group: int,
+    image_sync: str,
+    conn: Connection,
 ) -> None:
     """The writer process: a ``GroupWriter`` fed over ``conn``, each answer sent back by key."""
     # The worker stops it (after what was submitted is written), or it ends when the worker dies;
@@ -157,10 +161,9 @@ def _writer_main(
     from app.core.db import make_engine, session_factory, write_lock
 
     engine = make_engine(db_url)
-    store = ImageStore(Path(images_dir), image_writers)
     writer = GroupWriter(
         session_factory(engine),
-        store,
+        ImageStore(Path(images_dir), image_sync),
         max_group=max_group,
         write_lock=write_lock(db_url),
     )
@@ -196,7 +199,6 @@ def _writer_main(
             with sending:
                 conn.send((key, "error", ("unavailable", "the database writer is overloaded")))
     writer.close()  # what was submitted is written and answered first
-    store.close()
     engine.dispose()
     conn.close()
 
@@ -220,12 +222,12 @@ class WriterProcess:
         db_url: str,
         images_dir: Path,
         max_group: int = 64,
-        image_writers: int = 1,
+        image_sync: str = "group",
         start_timeout_s: float = 60.0,
         wait: bool = True,
         on_restart: Callable[[], None] | None = None,
     ) -> None:
-        self._args = (db_url, str(images_dir), max_group, image_writers)
+        self._args = (db_url, str(images_dir), max_group, image_sync)
         self._start_timeout = start_timeout_s
         self._lock = threading.Lock()  # the connection, the pending futures, the process
         self._pending: dict[int, Future] = {}
