@@ -8,7 +8,8 @@ image store) fed by client threads that each store one image's A/B prediction an
 as concurrent ``/predict`` requests do. Reports predictions/s and the write latency per request
 (p50/p90/p99) for each way, alternating the ways in each repeat. No models, no HTTP: only the
 database path. ``--new-images`` makes every request's image a new file, as on a line (otherwise
-200 images repeat, and the store writes each once). Usage:
+200 images repeat, and the store writes each once); ``--neighbour-mb-s`` adds another program
+writing to the same filesystem meanwhile. Usage:
 python bench/db_bench.py --workers 4 8 --clients 8 --seconds 5 --repeats 3 [--out FILE]
 python bench/db_bench.py --ways write-lock,group-sync --new-images
 """
@@ -170,11 +171,36 @@ def write_results(args: argparse.Namespace, runs: list[dict], summary: list[dict
         )
 
 
-def run_once(workers: int, clients: int, seconds: float, way: str, new: bool = False) -> dict:
+def _neighbour(path: str, mb_per_s: float, until: float) -> None:
+    """Another program writing ``mb_per_s`` MB/s to the same filesystem (no syncs of its own),
+    rewriting one file of at most 256 MB, until ``until`` (``time.time()``)."""
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb") as fh:
+        written, t0 = 0, time.time()
+        while time.time() < until:
+            if written % 256 == 0:
+                fh.seek(0)
+            fh.write(chunk)
+            written += 1
+            time.sleep(max(0.0, t0 + written / mb_per_s - time.time()))
+
+
+def run_once(
+    workers: int,
+    clients: int,
+    seconds: float,
+    way: str,
+    new: bool = False,
+    neighbour_mb_s: float = 0.0,
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/maxmin.db"
         upgrade(url)
         ctx = mp.get_context("spawn")
+        if neighbour_mb_s > 0:
+            until = time.time() + 3.0 + seconds + 1.0
+            args = (f"{tmp}/neighbour", neighbour_mb_s, until)
+            ctx.Process(target=_neighbour, args=args, daemon=True).start()
         with ctx.Pool(workers) as pool:
             start = time.perf_counter() + 3.0  # every worker imported and connected by then
             jobs = [
@@ -193,6 +219,7 @@ def run_once(workers: int, clients: int, seconds: float, way: str, new: bool = F
     return {
         "way": way,
         "image_sync": WAYS[way][1],
+        "neighbour_mb_per_s": neighbour_mb_s,
         "new_images": new,
         "workers": workers,
         "clients_per_worker": clients,
@@ -215,6 +242,12 @@ def main() -> None:
         help=f"comma-separated, the first is the reference: {', '.join(WAYS)}",
     )
     parser.add_argument("--new-images", action="store_true", help="every request a new file")
+    parser.add_argument(
+        "--neighbour-mb-s",
+        type=float,
+        default=0.0,
+        help="another program writing this many MB/s to the same filesystem meanwhile",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
@@ -226,7 +259,9 @@ def main() -> None:
         per_way: dict[str, list[dict]] = {w: [] for w in ways}
         for r in range(args.repeats):
             for way in ways if r % 2 == 0 else ways[::-1]:
-                row = run_once(workers, args.clients, args.seconds, way, args.new_images)
+                row = run_once(
+                    workers, args.clients, args.seconds, way, args.new_images, args.neighbour_mb_s
+                )
                 print(json.dumps(row), flush=True)
                 runs.append(row)
                 per_way[way].append(row)
