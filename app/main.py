@@ -87,7 +87,8 @@ def build_models(app: FastAPI, run_dir: Path) -> tuple[Classifier, object]:
         return Classifier(run_dir, settings.ab_models, "cpu"), runner
     # With a model process, this copy only decodes and names things: it stays on the CPU.
     device = "cpu" if settings.model_process else settings.device
-    classifier = Classifier(run_dir, settings.ab_models, device)
+    parallel = settings.parallel_models if not settings.model_process else "false"
+    classifier = Classifier(run_dir, settings.ab_models, device, parallel)
     if not settings.model_process:
         return classifier, classifier
     runner = ModelProcess(
@@ -97,6 +98,7 @@ def build_models(app: FastAPI, run_dir: Path) -> tuple[Classifier, object]:
         settings.threads,
         batch_timeout_s=settings.model_timeout_seconds,
         on_restart=app.state.metrics.model_restarts.labels("worker").inc,
+        parallel=settings.parallel_models,
     )
     return classifier, runner
 

@@ -120,7 +120,8 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
     (``service-per-worker``) whatever the device, or with the database writer as a process of its
     own (``service-writer-process``) or as a thread of each worker (``service-writer-thread``)
     whatever the device, or with a sync per new image file instead of one per group
-    (``service-file-sync``)."""
+    (``service-file-sync``), or with the A/B models one after the other instead of side by side
+    (``service-serial-models``)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _port()
         svc_env = {
@@ -133,12 +134,15 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
         svc_env.pop("MAXMIN_SHARED_MODELS", None)
         svc_env.pop("MAXMIN_WRITER_PROCESS", None)
         svc_env.pop("MAXMIN_IMAGE_SYNC", None)
+        svc_env.pop("MAXMIN_PARALLEL_MODELS", None)
         if side in ("service-shared", "service-per-worker"):
             svc_env["MAXMIN_SHARED_MODELS"] = "true" if side == "service-shared" else "false"
         if side in ("service-writer-process", "service-writer-thread"):
             svc_env["MAXMIN_WRITER_PROCESS"] = str(side == "service-writer-process").lower()
         if side == "service-file-sync":
             svc_env["MAXMIN_IMAGE_SYNC"] = "file"
+        if side == "service-serial-models":
+            svc_env["MAXMIN_PARALLEL_MODELS"] = "false"
         # A line key, as a line system would send: the access check is part of the cost.
         made = subprocess.run(
             [sys.executable, "-m", "training.cli", "keys", "create", "--role", "line"]
@@ -159,6 +163,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             "service-writer-process": "ours-p",
             "service-writer-thread": "ours-t",
             "service-file-sync": "ours-f",
+            "service-serial-models": "ours-1",
         }[side]
         return _measure(name, serve, svc_env, port, args, "/readyz", load_env)
 
@@ -191,6 +196,7 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
         "service-writer-process",
         "service-writer-thread",
         "service-file-sync",
+        "service-serial-models",
     ):
         if side in args.sides:
             sides[side] = _measure_service(side, args, env)
@@ -237,7 +243,8 @@ def main() -> None:
         help="comma-separated: plain, service (default settings), service-shared (one model "
         "process for all workers), service-per-worker (one each), service-writer-process and "
         "service-writer-thread (the database writer as a process of its own, or as a thread of "
-        "each worker), service-file-sync (a sync per new image file, MAXMIN_IMAGE_SYNC=file)",
+        "each worker), service-file-sync (a sync per new image file, MAXMIN_IMAGE_SYNC=file), "
+        "service-serial-models (the A/B models one after the other, MAXMIN_PARALLEL_MODELS=false)",
     )
     args = parser.parse_args()
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -264,6 +271,7 @@ def main() -> None:
         "shared_over_per_worker": ("service-shared", "service-per-worker"),
         "writer_process_over_thread": ("service-writer-process", "service-writer-thread"),
         "group_sync_over_file_sync": ("service", "service-file-sync"),
+        "parallel_over_serial_models": ("service", "service-serial-models"),
     }.items():
         if a in summary and b in summary:
             summary[name] = {

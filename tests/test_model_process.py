@@ -41,6 +41,34 @@ def test_answers_equal_the_in_process_models(run_dir: Path) -> None:
     assert proc.pid is None
 
 
+def test_models_side_by_side_answer_as_one_after_the_other(run_dir: Path) -> None:
+    """MAXMIN_PARALLEL_MODELS: on the CPU the A/B models run a thread each, with the same
+    answers; in the model process too, and a bad batch is still an error, not a death."""
+    names = ["baseline", "maxmin"]
+    serial = Classifier(run_dir, names, "cpu", parallel="false")
+    side_by_side = Classifier(run_dir, names, "cpu", parallel="auto")
+    assert not serial.parallel and side_by_side.parallel
+    assert not Classifier(run_dir, ["maxmin"], "cpu", parallel="true").parallel  # one model
+    images = np.stack([serial.decode(png_bytes(i), 10**7).array for i in range(9)])
+    want = serial.classify(images)
+    for _ in range(3):
+        got = side_by_side.classify(images)
+        assert list(got) == names
+        for name in names:
+            np.testing.assert_array_equal(got[name][0], want[name][0])
+            assert got[name][1] > 0
+    proc = ModelProcess(run_dir, names, "cpu", threads=1, parallel="true")
+    try:
+        remote = proc.classify(images)
+        for name in names:
+            np.testing.assert_allclose(remote[name][0], want[name][0], atol=1e-6)
+        with pytest.raises(ModelProcessFailed, match="ValueError|RuntimeError"):
+            proc.classify(np.zeros((1, 3, 5, 5), dtype=np.uint8))
+        assert proc.classify(images)["baseline"][0].shape == (9, len(serial.classes))
+    finally:
+        proc.close()
+
+
 def test_the_gpu_path_answers_as_the_cpu(run_dir: Path, device) -> None:  # noqa: ANN001
     """On CUDA the models are queued together and waited for once; same answers as the CPU's."""
     if device.type != "cuda":

@@ -441,7 +441,12 @@ def _model_host(settings, workers: int):  # noqa: ANN001, ANN202
     restarts = model_restarts_counter(CollectorRegistry()).labels("shared")
     try:
         host = ModelHost(
-            run_dir, settings.ab_models, settings.device, threads, on_restart=restarts.inc
+            run_dir,
+            settings.ab_models,
+            settings.device,
+            threads,
+            on_restart=restarts.inc,
+            parallel=settings.parallel_models,
         )
     except ModelProcessFailed as exc:
         print(

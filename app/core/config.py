@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto: CUDA when present, the CPU otherwise
     torch_threads: int = 0  # 0: see Settings.threads
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
+    # The A/B models side by side, a thread each, rather than one after the other. auto: on the
+    # CPU. One worker on 2 cores, concurrency 32: 1.12x the requests/s
+    # (bench/results/serve-cpu-parallel.json), 1.25x with PyTorch held to AVX2 kernels
+    # (serve-cpu-parallel-avx2.json). On CUDA the models are queued on the GPU anyway.
+    parallel_models: Literal["auto", "true", "false"] = "auto"
     # Store predictions from a process of its own (app/core/writer.py: WriterProcess), not from a
     # thread that waits for the busy worker's GIL while holding the SQLite write lock. auto: on
     # CUDA, where cheap models leave the web worker's GIL the limit; a thread on the CPU, where the
@@ -66,7 +71,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = 0.0  # extra wait for company; 0: batch whatever queued meanwhile
     queue_max: int = 512  # waiting requests before new ones get 503 (back-pressure)
 
-    @field_validator("shared_models", "writer_process", mode="before")
+    @field_validator("shared_models", "writer_process", "parallel_models", mode="before")
     @classmethod
     def _tristate(cls, value: object) -> object:
         text = str(value).strip().lower()

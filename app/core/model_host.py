@@ -72,6 +72,7 @@ def _host_main(
     names: list[str],
     device: str,
     threads: int,
+    parallel: str,
     ready: Connection,
 ) -> None:
     """The host process: load the models, listen, and answer merged batches until stopped."""
@@ -91,7 +92,9 @@ def _host_main(
         with loading:
             classifier = classifiers.pop(run, None)
             if classifier is None:
-                classifier = Classifier(Path(run), names, device)
+                classifier = Classifier(Path(run), names, device, parallel)
+                if classifier.parallel:  # the threads shared between the models side by side
+                    torch.set_num_threads(max(1, threads // len(classifier.models)))
                 while len(classifiers) >= KEEP_RUNS:
                     classifiers.pop(next(iter(classifiers)))
             classifiers[run] = classifier
@@ -180,12 +183,13 @@ class ModelHost:
         threads: int = 1,
         start_timeout_s: float = 180.0,
         on_restart: Callable[[], None] | None = None,
+        parallel: str = "false",
     ) -> None:
         self._on_restart = on_restart  # called each time a new host replaces one (metrics)
         self._folder = tempfile.mkdtemp(prefix="maxmin-models-")  # mode 0700: this user only
         self.address = os.path.join(self._folder, "models.sock")
         self.authkey = os.urandom(32)
-        self._args = (str(Path(run_dir).resolve()), list(names), device, threads)
+        self._args = (str(Path(run_dir).resolve()), list(names), device, threads, parallel)
         self._start_timeout = start_timeout_s
         self._stopping = threading.Event()
         self._proc: mp.process.BaseProcess | None = None

@@ -39,7 +39,9 @@ class ModelProcessFailed(RuntimeError):
     """The model process could not answer; the message says why."""
 
 
-def _serve(conn: Connection, run_dir: str, names: list[str], device: str, threads: int) -> None:
+def _serve(
+    conn: Connection, run_dir: str, names: list[str], device: str, threads: int, parallel: str
+) -> None:
     """The child: load the models, then answer batches until the parent goes away."""
     import torch
 
@@ -47,7 +49,9 @@ def _serve(conn: Connection, run_dir: str, names: list[str], device: str, thread
 
     torch.set_num_threads(threads)
     try:
-        classifier = Classifier(Path(run_dir), names, device)
+        classifier = Classifier(Path(run_dir), names, device, parallel)
+        if classifier.parallel:  # the threads shared between the models side by side
+            torch.set_num_threads(max(1, threads // len(classifier.models)))
     except Exception as exc:  # noqa: BLE001 - the parent reports it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -79,8 +83,9 @@ class ModelProcess:
         start_timeout_s: float = 180.0,
         batch_timeout_s: float = 60.0,
         on_restart: Callable[[], None] | None = None,
+        parallel: str = "false",
     ) -> None:
-        self._args = (str(Path(run_dir).resolve()), list(names), device, threads)
+        self._args = (str(Path(run_dir).resolve()), list(names), device, threads, parallel)
         self._on_restart = on_restart  # called each time a new process replaces one (metrics)
         self._starts = 0
         self._start_timeout = start_timeout_s
