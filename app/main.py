@@ -144,6 +144,7 @@ def load_models(app: FastAPI) -> None:
     app.state.classifier = app.state.runner = app.state.batcher = None
     app.state.models_error = app.state.reload_error = None
     app.state.failed_run = None
+    app.state.host_down = False
     run_dir = find_run_dir(settings, app.state.sessions)
     if run_dir is None:
         app.state.models_error = (
@@ -155,6 +156,7 @@ def load_models(app: FastAPI) -> None:
     except LOAD_ERRORS as exc:
         app.state.models_error = f"cannot load models from {run_dir}: {exc}"
         app.state.failed_run = _failed(run_dir, exc)
+        app.state.host_down = isinstance(exc, ModelHostUnreachable)
         log.error(app.state.models_error)
         return
     _keep_serving(app, run_dir)
@@ -163,7 +165,7 @@ def load_models(app: FastAPI) -> None:
 def _failed(run_dir: Path, exc: Exception) -> tuple[Path, float] | None:
     """What the follower remembers of a run that did not load, so as not to try it again before
     ``retry_s``; nothing when only the shared model process was down (being restarted): that is
-    tried again at the next check."""
+    tried again within ``HOST_RETRY_S``."""
     if isinstance(exc, ModelHostUnreachable):
         return None
     return (Path(run_dir).resolve(), time.monotonic())
@@ -199,6 +201,7 @@ def _follow_served_run(app: FastAPI, retry_s: float) -> bool:
     current = app.state.classifier
     if current is not None and current.run_dir.resolve() == run_dir:
         app.state.reload_error = app.state.failed_run = None  # e.g. a failed choice undone
+        app.state.host_down = False
         return False
     failed = app.state.failed_run
     if failed is not None and failed[0] == run_dir and time.monotonic() - failed[1] < retry_s:
@@ -207,6 +210,7 @@ def _follow_served_run(app: FastAPI, retry_s: float) -> bool:
         classifier, runner = build_models(app, run_dir)
     except LOAD_ERRORS as exc:
         app.state.failed_run = _failed(run_dir, exc)
+        app.state.host_down = isinstance(exc, ModelHostUnreachable)
         problem = f"cannot load models from {run_dir}: {exc}"
         log.error(problem)
         if current is None:
@@ -216,15 +220,22 @@ def _follow_served_run(app: FastAPI, retry_s: float) -> bool:
         return False
     old = install_models(app, classifier, runner)
     app.state.failed_run = None
+    app.state.host_down = False
     retire_models(app, old, grace_s=settings.model_timeout_seconds)
     log.info("now serving the models of %s", run_dir)
     _keep_serving(app, run_dir)
     return True
 
 
+# While the shared model process is being restarted, a worker whose models could not load because
+# of that tries again this often, not only every MAXMIN_RELOAD_SECONDS: the new one is up within
+# seconds, and until the worker has loaded, its requests get 503.
+HOST_RETRY_S = 0.5
+
+
 async def _follow(app: FastAPI, every_s: float) -> None:
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(min(every_s, HOST_RETRY_S) if app.state.host_down else every_s)
         try:
             await run_in_threadpool(follow_served_run, app)
         except Exception:  # noqa: BLE001 - keep following; the log says what went wrong

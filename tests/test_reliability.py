@@ -367,13 +367,21 @@ def test_readiness_follows_the_shared_model_process(
                 break
             assert time.monotonic() < deadline, seen
             time.sleep(0.05)
-        r = httpx.post(
-            f"{base}/predict",
-            headers={"X-API-Key": key},
-            files=[("files", ("a.png", png_bytes(3)))],
-            timeout=30,
-        )
-        assert r.status_code == 200, r.text
+        # The other worker may have been loading from the old process when it died: it loads
+        # again within moments, and meanwhile says why, with Retry-After, as a client expects.
+        deadline = time.monotonic() + 10
+        while True:
+            r = httpx.post(
+                f"{base}/predict",
+                headers={"X-API-Key": key},
+                files=[("files", ("a.png", png_bytes(3)))],
+                timeout=30,
+            )
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503 and "model process" in r.json()["detail"], r.text
+            assert r.headers["Retry-After"] and time.monotonic() < deadline, r.text
+            time.sleep(0.2)
         # Counted by the serve command, summed into /metrics with the workers' counts.
         text = httpx.get(f"{base}/metrics", headers={"X-API-Key": key}, timeout=10).text
         assert 'maxmin_model_process_restarts_total{process="shared"} 1.0' in text, text

@@ -30,7 +30,13 @@ def get_store(request: Request) -> ImageStore:
 def get_classifier(request: Request) -> Classifier:
     classifier = request.app.state.classifier
     if classifier is None:
-        raise HTTPException(503, detail=request.app.state.models_error or "models not loaded")
+        # Only the shared model process being restarted passes in moments: say when to retry.
+        transient = getattr(request.app.state, "host_down", False)
+        raise HTTPException(
+            503,
+            detail=request.app.state.models_error or "models not loaded",
+            headers={"Retry-After": "1"} if transient else None,
+        )
     return classifier
 
 

@@ -34,7 +34,9 @@ def read_ready(request: Request) -> JSONResponse:
         return JSONResponse(body.model_dump(), status_code=503)
     if state.classifier is None:
         body = Health(status="unavailable", detail=state.models_error)
-        return JSONResponse(body.model_dump(), status_code=503)
+        # Only the shared model process being restarted passes in moments.
+        retry = {"Retry-After": "1"} if getattr(state, "host_down", False) else None
+        return JSONResponse(body.model_dump(), status_code=503, headers=retry)
     if isinstance(state.runner, HostRun | ModelProcess) and (problem := state.runner.ping()):
         # Down or hung: the serve command (shared) or the worker's watchdog is replacing it.
         body = Health(status="unavailable", detail=problem)
