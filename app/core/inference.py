@@ -97,9 +97,7 @@ class Classifier:
         self.std = torch.tensor(first["normalization"]["std"], device=self.device).view(1, -1, 1, 1)
         self.run_name = self.run_dir.name
         self.parallel = (
-            len(self.models) > 1
-            and self.device.type == "cpu"
-            and (parallel == "true" or parallel == "auto")
+            len(self.models) > 1 and self.device.type == "cpu" and parallel in ("true", "auto")
         )
         self._pool = (
             ThreadPoolExecutor(len(self.models), thread_name_prefix="model")
@@ -108,6 +106,11 @@ class Classifier:
         )
         self.batcher = None  # the micro-batcher feeding these models, set by the service
         self.classify(np.zeros((2, self.channels, self.size, self.size), dtype=np.uint8))  # warm up
+
+    def set_threads(self, threads: int) -> None:
+        """The process's torch threads for these models: shared between them when they run side
+        by side."""
+        torch.set_num_threads(max(1, threads // len(self.models)) if self.parallel else threads)
 
     def decode(self, data: bytes, max_pixels: int) -> Decoded:
         """Decode and preprocess one upload; raises ImageError naming what is wrong."""

@@ -93,8 +93,7 @@ def _host_main(
             classifier = classifiers.pop(run, None)
             if classifier is None:
                 classifier = Classifier(Path(run), names, device, parallel)
-                if classifier.parallel:  # the threads shared between the models side by side
-                    torch.set_num_threads(max(1, threads // len(classifier.models)))
+                classifier.set_threads(threads)
                 while len(classifiers) >= KEEP_RUNS:
                     classifiers.pop(next(iter(classifiers)))
             classifiers[run] = classifier

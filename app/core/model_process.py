@@ -50,8 +50,7 @@ def _serve(
     torch.set_num_threads(threads)
     try:
         classifier = Classifier(Path(run_dir), names, device, parallel)
-        if classifier.parallel:  # the threads shared between the models side by side
-            torch.set_num_threads(max(1, threads // len(classifier.models)))
+        classifier.set_threads(threads)
     except Exception as exc:  # noqa: BLE001 - the parent reports it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
