@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -11,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Select, func, insert, select
+from sqlalchemy import Insert, Select, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -86,13 +87,19 @@ def check_text(value: str | None, name: str) -> str | None:
     return value
 
 
-def _insert_ignore(session: Session, table, rows: list[dict]) -> None:  # noqa: ANN001
-    """INSERT ... ON CONFLICT DO NOTHING, so that concurrent uploads of one image both succeed.
-
-    Rows go as parameters of one statement (compiled once, cached), not as inline VALUES."""
-    dialect = session.get_bind().dialect.name
+@functools.cache
+def _group_statements(dialect: str) -> tuple[Insert, Insert, Insert]:
+    """The three statements of a group commit, built once per dialect: images (INSERT ... ON
+    CONFLICT DO NOTHING, so that concurrent uploads of one image both succeed), predictions
+    (returning their ids in the rows' order) and model outputs. Rows go as parameters (compiled
+    once, cached), not as inline VALUES."""
     module = postgresql if dialect == "postgresql" else sqlite
-    session.execute(module.insert(table).on_conflict_do_nothing(), rows)
+    table = Prediction.__table__
+    return (
+        module.insert(StoredImage.__table__).on_conflict_do_nothing(),
+        insert(table).returning(table.c.id, sort_by_parameter_order=True),
+        insert(ModelOutput.__table__),
+    )
 
 
 @dataclass
@@ -135,6 +142,11 @@ def _stage(
     outputs: list[list[NewOutput]] = []
     now = utcnow()
     t0 = time.perf_counter()
+    # Core statements on the session's connection: the ORM's execution and bulk paths add per-row
+    # bookkeeping that the response does not need. Taking the connection begins no transaction
+    # in the database yet, so it is done before the lock.
+    conn = session.connection()
+    put_images, put_predictions, put_outputs = _group_statements(conn.dialect.name)
     store.put_many({i.sha256: i.data for b in batches for i, _ in b.items}, created)
     for batch in batches:
         for image, outs in batch.items:
@@ -161,23 +173,13 @@ def _stage(
                 }
             )
             outputs.append(outs)
-    table = Prediction.__table__
     t1 = time.perf_counter()
     with lock:
         t2 = time.perf_counter()
-        _insert_ignore(session, StoredImage.__table__, list(images.values()))
-        # Core statements on the session's connection: the ORM's bulk path adds per-row
-        # bookkeeping that the response does not need.
-        conn = session.connection()
-        ids = (
-            conn.execute(
-                insert(table).returning(table.c.id, sort_by_parameter_order=True), pred_rows
-            )
-            .scalars()
-            .all()
-        )
+        conn.execute(put_images, list(images.values()))
+        ids = conn.execute(put_predictions, pred_rows).scalars().all()
         conn.execute(
-            insert(ModelOutput.__table__),
+            put_outputs,
             [
                 {"prediction_id": pid, **o.__dict__}
                 for pid, outs in zip(ids, outputs, strict=True)
