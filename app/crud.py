@@ -105,7 +105,8 @@ def _group_statements(dialect: str) -> tuple[Insert, Insert, Insert]:
 @dataclass
 class WriteTiming:
     """Where one group commit's time went, in seconds: writing and syncing its new image files
-    (and preparing its rows), waiting for the write lock, and the statements with the commit."""
+    (and preparing its rows and connection), waiting for the write lock, and the statements with
+    the commit."""
 
     files: float = 0.0
     lock: float = 0.0
