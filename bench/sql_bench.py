@@ -8,7 +8,7 @@ ways on one database; each group is new predictions of new images, as on a line.
 one group written each way is read back through the ORM and compared, so both ways write the
 same rows. Reports medians per group (ms), the direct path's split into statements and commit,
 the ratio, and the 99th percentiles. Usage:
-python bench/sql_bench.py --groups 1 8 32 --count 400 [--out FILE]
+python bench/sql_bench.py --groups 1 8 32 --count 400 [--no-autocheckpoint] [--out FILE]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from db_bench import _batch  # noqa: E402
+from sqlalchemy import event  # noqa: E402
 
 from app import crud  # noqa: E402
 from app.core.db import make_engine, session_factory, upgrade  # noqa: E402
@@ -133,13 +134,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 8, 32], help="group sizes")
     parser.add_argument("--count", type=int, default=400, help="groups per size and way")
+    parser.add_argument(
+        "--no-autocheckpoint",
+        action="store_true",
+        help="turn SQLite's automatic checkpoint off (the WAL then only grows): shows its share "
+        "of the tail",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.sqlite"
         upgrade(url)
-        session = session_factory(make_engine(url))()
+        engine = make_engine(url)
+        if args.no_autocheckpoint:
+            event.listen(
+                engine, "connect", lambda conn, _: conn.execute("PRAGMA wal_autocheckpoint=0")
+            )
+        session = session_factory(engine)()
         store = ImageStore(Path(tmp) / "images")
 
         def group(n: int) -> list[crud.PredictionBatch]:
@@ -188,6 +200,7 @@ def main() -> None:
                 {
                     "machine": platform.processor() or platform.machine(),
                     "count": args.count,
+                    "autocheckpoint": not args.no_autocheckpoint,
                     "summary": summary,
                 },
                 indent=2,
