@@ -78,7 +78,53 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="runs per model with different seeds (default: 3)",
     )
     t.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default: 32)")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 0.001)")
+    t.add_argument(
+        "--optimizer",
+        choices=("sgd", "adamw"),
+        default=None,
+        help="fix the optimizer (sgd: Nesterov momentum) instead of searching; implies "
+        "--no-search",
+    )
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="fix the peak learning rate instead of searching (default without the search: 0.05 "
+        "for sgd, 0.001 for adamw); implies --no-search",
+    )
+    t.add_argument(
+        "--no-search",
+        action="store_true",
+        help="skip the recipe search (every model gets SGD-Nesterov, peak lr 0.05, unless "
+        "--optimizer/--lr say otherwise); by default each model is offered the same short grid "
+        "of optimizers and learning rates and keeps the best on the validation split",
+    )
+    t.add_argument(
+        "--metric",
+        choices=("auto", "accuracy", "macro_f1"),
+        default="auto",
+        help="what picks checkpoints and recipes and states the verdict; auto: macro F1 when the "
+        "largest class has 1.5x the images of the smallest, accuracy otherwise",
+    )
+    t.add_argument(
+        "--good-class",
+        default=None,
+        help="the defect-free class: the report adds each model's escape rate (defective parts "
+        "passed as good) and false-reject rate (good parts rejected)",
+    )
+    t.add_argument(
+        "--class-weights",
+        choices=("sqrt", "inverse", "none"),
+        default="sqrt",
+        help="loss weight per class, from its frequency (default: sqrt, 1/sqrt(frequency))",
+    )
+    t.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="per model, how many failed seeds (diverged, at chance, or far below their "
+        "siblings) are trained again with a fresh seed (default: 2)",
+    )
     t.add_argument(
         "--precision",
         choices=("auto", "fp32"),
@@ -175,6 +221,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="side of each image in pixels (default: 96)",
     )
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--stress",
+        action="store_true",
+        help="write the stress set instead: mostly good parts (1:30 against the rarest defect), "
+        "80-400 px in many aspect ratios, faint small defects (--per-class and --image-size "
+        "do not apply)",
+    )
 
     db = sub.add_parser(
         "db",
@@ -244,7 +297,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
-    from training.engine import TrainConfig
+    from training.engine import DEFAULT_LR, TrainConfig
     from training.poc import PocConfig, run_poc
 
     augment = tuple(a.strip() for a in args.augment.split(",") if a.strip() and a.strip() != "none")
@@ -253,8 +306,12 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
         raise ValueError(
             f"unknown augmentation {', '.join(sorted(unknown))}; use shift, hflip, vflip or none"
         )
-    if not args.lr > 0:
+    if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.retries < 0:
+        raise ValueError(f"--retries must be 0 or more, got {args.retries}")
+    optimizer = args.optimizer or "sgd"
+    search = not (args.no_search or args.lr is not None or args.optimizer is not None)
     if args.val_fraction + args.test_fraction >= 0.8:
         raise ValueError("--val-fraction and --test-fraction leave too little for training")
     if args.threads:
@@ -277,13 +334,19 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
         train=TrainConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
-            lr=args.lr,
+            optimizer=optimizer,
+            lr=args.lr if args.lr is not None else DEFAULT_LR[optimizer],
+            class_weighting=args.class_weights,
             augment=augment,
             amp=args.precision == "auto",
             cuda_graphs=not args.no_cuda_graphs,
         ),
         latency_budget_s=args.latency_seconds,
         progress=not args.quiet,
+        search=search,
+        metric=args.metric,
+        good_class=args.good_class,
+        max_retries=args.retries,
     )
     run_dir = run_poc(cfg, on_progress=status.update)
     import json
@@ -293,10 +356,16 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
     print(report["verdict"])
     print()
     for name, m in report["models"].items():
-        acc, std = m["accuracy"]["mean"], m["accuracy"]["std"]
-        spread = f" ± {std * 100:.1f}" if std is not None else ""
-        shown = "diverged" if acc is None else f"{acc * 100:.1f}%{spread}"
-        print(f"  {name:<12} accuracy {shown:<16} params {m['params']:>9,}")
+        cells = []
+        for key in ("accuracy", "macro_f1"):
+            v, sd = m[key]["mean"], m[key]["std"]
+            spread = f" ± {sd * 100:.1f}" if sd is not None else ""
+            cells.append("failed" if v is None else f"{v * 100:.1f}%{spread}")
+        recipe = m.get("recipe") or {}
+        print(
+            f"  {name:<12} accuracy {cells[0]:<14} macro F1 {cells[1]:<14} "
+            f"params {m['params']:>9,}  {recipe.get('optimizer', '')} lr {recipe.get('lr', '')}"
+        )
     if not args.no_register:
         _register(run_dir)
     print(f"\nReport: {run_dir / 'report.html'}")
@@ -313,8 +382,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from training.demo import make_demo_dataset
+    from training.demo import STRESS_COUNTS, make_demo_dataset, make_stress_dataset
 
+    if args.stress:
+        out = make_stress_dataset(args.dir, seed=args.seed)
+        counts = ", ".join(f"{n} {label}" for label, n in STRESS_COUNTS.items())
+        print(f"Wrote the stress set ({counts}) to {out}")
+        return 0
     out = make_demo_dataset(
         args.dir, per_class=args.per_class, size=args.image_size, seed=args.seed
     )

@@ -17,15 +17,18 @@ from tqdm.auto import tqdm
 DEMO_CLASSES = ("dent", "good", "scratch", "spots")
 
 
-def _surface(rng: np.random.Generator, size: int) -> np.ndarray:
+def _surface(rng: np.random.Generator, size: int, width: int | None = None) -> np.ndarray:
     """Brushed metal: streaks along a random axis, grain, and a lighting gradient."""
+    h, w = size, width or size
     base = rng.uniform(90, 170)
-    streaks = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), sigma=(0.6, size / 6))
-    streaks *= rng.uniform(4, 9) / (streaks.std() + 1e-6)
-    if rng.random() < 0.5:
-        streaks = streaks.T
-    grain = rng.normal(0, rng.uniform(2, 6), (size, size))
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    noise = rng.normal(0, 1, (h, w))
+    streaks = ndimage.gaussian_filter(noise, sigma=(0.6, w / 6))
+    gain = rng.uniform(4, 9)
+    if rng.random() < 0.5:  # streaks across instead of along
+        streaks = streaks.T if h == w else ndimage.gaussian_filter(noise, sigma=(h / 6, 0.6))
+    streaks *= gain / (streaks.std() + 1e-6)
+    grain = rng.normal(0, rng.uniform(2, 6), (h, w))
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
     angle = rng.uniform(0, 2 * np.pi)
     light = rng.uniform(5, 25) * (np.cos(angle) * xx + np.sin(angle) * yy - 0.5)
     return base + streaks + grain + light
@@ -91,4 +94,68 @@ def make_demo_dataset(
         (out_dir / label).mkdir(parents=True, exist_ok=True)
     for label, i in tqdm(jobs, desc="generating demo parts", unit="img", disable=not progress):
         make_image(label, rng, size).save(out_dir / label / f"{label}_{i:04d}.png")
+    return out_dir
+
+
+# The stress set: what real plant data does to a trainer that the demo set does not. Most parts
+# are good (1:30 against the rarest defect), images come in many sizes and aspect ratios, and the
+# defects are small and faint against the texture.
+STRESS_COUNTS = {"good": 900, "scratch": 120, "spots": 60, "dent": 30}
+
+
+def _faint(rng: np.random.Generator, label: str, h: int, w: int) -> np.ndarray:
+    """A small, low-contrast defect of class ``label`` as an additive h x w map."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    side = min(h, w)
+    cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
+    contrast = rng.uniform(20, 40)
+    if label == "spots":
+        out = np.zeros((h, w))
+        for _ in range(rng.integers(2, 4)):
+            px, py = cx + rng.normal(0, 0.06 * side), cy + rng.normal(0, 0.06 * side)
+            r = rng.uniform(0.03, 0.05) * side
+            out -= contrast * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * r**2))
+        return out
+    if label == "scratch":
+        length, angle = rng.uniform(0.2, 0.4) * side, rng.uniform(0, np.pi)
+        t = np.linspace(-length / 2, length / 2, int(length * 3) + 2)
+        mask = np.zeros((h, w))
+        mask[
+            np.clip((cy + t * np.sin(angle)).astype(int), 0, h - 1),
+            np.clip((cx + t * np.cos(angle)).astype(int), 0, w - 1),
+        ] = 1.0
+        mask = ndimage.gaussian_filter(mask, max(1.0, side / 70))
+        return rng.choice([-1, 1]) * contrast * mask / (mask.max() + 1e-6)
+    r = rng.uniform(0.07, 0.12) * side  # dent: a small bump lit from one side
+    bump = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r**2))
+    gy, gx = np.gradient(bump)
+    angle = rng.uniform(0, 2 * np.pi)
+    shade = np.cos(angle) * gx + np.sin(angle) * gy
+    return contrast * 1.5 * shade / (np.abs(shade).max() + 1e-6)
+
+
+def make_stress_image(label: str, rng: np.random.Generator) -> Image.Image:
+    """One stress-set image: 80-400 px on its long side, aspect ratio up to 1:2.5."""
+    long_side = int(rng.uniform(80, 400))
+    short = max(40, int(long_side / rng.uniform(1.0, 2.5)))
+    h, w = (long_side, short) if rng.random() < 0.5 else (short, long_side)
+    img = _surface(rng, h, w)
+    if label != "good":
+        img += _faint(rng, label, h, w)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
+
+
+def make_stress_dataset(
+    out_dir: Path, scale: float = 1.0, seed: int = 0, progress: bool = True
+) -> Path:
+    """Write the stress set (``STRESS_COUNTS`` images per class, times ``scale``) as PNGs."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    jobs = [
+        (label, i) for label, n in STRESS_COUNTS.items() for i in range(max(4, round(n * scale)))
+    ]
+    for label in STRESS_COUNTS:
+        (out_dir / label).mkdir(parents=True, exist_ok=True)
+    for label, i in tqdm(jobs, desc="generating stress parts", unit="img", disable=not progress):
+        make_stress_image(label, rng).save(out_dir / label / f"{label}_{i:04d}.png")
     return out_dir

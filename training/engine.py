@@ -23,6 +23,11 @@ from torch import nn
 
 from models import create_model
 
+OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}  # peak of the one-cycle schedule, per optimizer
+CLASS_WEIGHTING = ("sqrt", "inverse", "none")
+METRICS = ("accuracy", "macro_f1")
+
 
 @dataclass
 class TrainConfig:
@@ -30,12 +35,40 @@ class TrainConfig:
 
     epochs: int = 30  # enough for a small CNN on a few thousand images; raise for larger sets
     batch_size: int = 32  # small datasets need enough optimizer steps per epoch
-    lr: float = 1e-3  # AdamW peak of the one-cycle schedule; 2e-3 killed MaxMin runs on demo data
+    # SGD with Nesterov momentum: its steps scale with the gradient. Adam's first steps move every
+    # weight by about the learning rate whatever its gradient, which on a wide layer fed only
+    # non-negative inputs (MaxMin's doubled maps) shifts whole units past zero (docs/training.md).
+    optimizer: str = "sgd"
+    lr: float = DEFAULT_LR["sgd"]
     weight_decay: float = 5e-4
     augment: tuple[str, ...] = ("shift", "hflip")  # label-preserving for most part images
+    # Loss weights per class: 1/sqrt(frequency) lifts rare defects without letting a handful of
+    # images dominate the gradient, as full inverse-frequency weights do at 1:30.
+    class_weighting: str = "sqrt"
+    select_metric: str = "accuracy"  # which validation figure picks the kept epoch
     device: str = "cpu"
     amp: bool = True  # bf16 autocast where the hardware computes in bf16 (see bf16_native)
     cuda_graphs: bool = True  # on CUDA, replay each training step as a captured graph
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    """The unweighted mean of per-class F1 (a class neither present nor predicted counts 0)."""
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k).astype(float)
+    denom = cm.sum(0) + cm.sum(1)
+    return float(np.mean(np.where(denom > 0, 2 * np.diag(cm) / np.maximum(denom, 1), 0.0)))
+
+
+def score(metric: str, y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    """``metric`` (accuracy or macro_f1) of ``pred`` against ``y``."""
+    if metric == "macro_f1":
+        return macro_f1(y, pred, k)
+    return float(np.mean(y == pred)) if len(y) else 0.0
+
+
+def chance_score(metric: str, y: np.ndarray, k: int) -> float:
+    """What always answering the largest class scores: the floor a trained model must clear."""
+    majority = int(np.bincount(y, minlength=k).argmax()) if len(y) else 0
+    return score(metric, y, np.full_like(y, majority), k)
 
 
 @dataclass
@@ -54,6 +87,7 @@ class RunResult:
     peak_memory_bytes: int
     diverged: str | None = None  # why the run is excluded from the averages, when it is
     extra: dict = field(default_factory=dict)
+    val_metric: list[float] = field(default_factory=list)  # cfg.select_metric, per epoch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,10 +144,14 @@ class PeakMemory:
             self.peak = int(self._max - self._base)
 
 
-def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (mean 1): rare defect classes count as much as common ones."""
+def class_weights(labels: torch.Tensor, num_classes: int, mode: str = "sqrt") -> torch.Tensor:
+    """Per-class loss weights, scaled so the average image weighs 1: ``inverse`` frequency makes
+    every class count alike, ``sqrt`` goes half way (in log terms), ``none`` weighs all alike."""
     counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
-    return counts.sum() / (num_classes * counts)
+    if mode == "none":
+        return torch.ones(num_classes)
+    w = 1.0 / counts if mode == "inverse" else counts.rsqrt()
+    return w * counts.sum() / (w * counts).sum()
 
 
 @functools.cache
@@ -228,8 +266,30 @@ def one_cycle_lrs(cfg: TrainConfig, total_steps: int) -> list[float]:
     return lrs
 
 
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, lr: float | torch.Tensor
+) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over the model's parameters. A tensor ``lr`` (a CUDA graph's) needs the
+    fused SGD kernel or capturable AdamW: the other SGD paths read the rate on the host."""
+    graph = isinstance(lr, torch.Tensor)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+            fused=True if graph else None,
+        )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=lr, weight_decay=cfg.weight_decay, capturable=graph
+        )
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
 class TrainStep:
-    """One optimizer step per batch: slice, normalise, augment, forward, loss, backward, AdamW.
+    """One optimizer step per batch: slice, normalise, augment, forward, loss, backward, step.
 
     On CUDA (``cfg.cuda_graphs``) each batch size's whole step is captured once as a CUDA graph
     and replayed: the small CNNs here are bound by kernel launches, not arithmetic, and a replay
@@ -258,16 +318,13 @@ class TrainStep:
         self.graphs_wanted = cfg.cuda_graphs and self.device.type == "cuda"
         self.mode = "CUDA graph" if self.graphs_wanted else "eager"
         self.fallback: str | None = None
-        if self.graphs_wanted:
-            # A device tensor learning rate is read by the captured step at each replay.
-            self.lr = torch.tensor(cfg.lr, dtype=torch.float32, device=self.device)
-            self.optimizer = torch.optim.AdamW(
-                model.parameters(), lr=self.lr, weight_decay=cfg.weight_decay, capturable=True
-            )
-        else:
-            self.optimizer = torch.optim.AdamW(
-                model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-            )
+        # A captured step reads its learning rate from a device tensor at each replay.
+        self.lr = (
+            torch.tensor(cfg.lr, dtype=torch.float32, device=self.device)
+            if self.graphs_wanted
+            else cfg.lr
+        )
+        self.optimizer = make_optimizer(model, cfg, self.lr)
         self.total = torch.zeros((), device=self.device)  # summed loss x batch size, this epoch
         self.seen = 0
         self._buffers: dict[int, torch.Tensor] = {}
@@ -386,14 +443,16 @@ def fit(
     val_x, val_y = data["val"]
     test_x, _ = data["test"]
     num_classes = model_kwargs["num_classes"]
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train_y.cpu(), num_classes).to(device))
+    weights = class_weights(train_y.cpu(), num_classes, cfg.class_weighting)
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
     step = TrainStep(model, train_x, train_y, mean, std, loss_fn, cfg)
     lrs = one_cycle_lrs(cfg, cfg.epochs * steps_per_epoch(len(train_x), cfg.batch_size))
     train_loss: list[float] = []
     val_acc: list[float] = []
-    best_acc, best_epoch, best_state = -1.0, 0, None
+    val_metric: list[float] = []
+    best, best_epoch, best_state = -1.0, 0, None
     diverged = None
-    val_labels = val_y.cpu()
+    val_labels = val_y.cpu().numpy()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         k = 0
@@ -408,37 +467,30 @@ def fit(
                 step(plan[:, at : at + size])
                 k += 1
             loss = step.epoch_loss()
-            acc = float(
-                (evaluate(model, val_x, mean, std, amp=cfg.amp).argmax(1) == val_labels)
-                .float()
-                .mean()
-            )
+            pred = evaluate(model, val_x, mean, std, amp=cfg.amp).argmax(1).numpy()
+            acc = score("accuracy", val_labels, pred, num_classes)
+            metric = score(cfg.select_metric, val_labels, pred, num_classes)
             train_loss.append(loss)
             val_acc.append(acc)
+            val_metric.append(metric)
             if on_epoch is not None:
-                on_epoch(epoch, loss, acc)
+                on_epoch(epoch, loss, metric)
             if not math.isfinite(loss):
                 diverged = f"training loss became {loss} at epoch {epoch + 1}"
                 break
-            if acc > best_acc:
-                best_acc, best_epoch = acc, epoch + 1
+            if metric > best:
+                best, best_epoch = metric, epoch + 1
                 best_state = copy.deepcopy(model.state_dict())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    majority = float(torch.bincount(val_labels, minlength=num_classes).max()) / max(
-        len(val_labels), 1
-    )
-    if (
-        diverged is None
-        and train_loss
-        and train_loss[-1] >= 0.95 * math.log(num_classes)
-        and best_acc <= majority + 0.01
-    ):
+    chance = chance_score(cfg.select_metric, val_labels, num_classes)
+    if diverged is None and best <= chance + 0.01:
+        name = {"macro_f1": "macro F1"}.get(cfg.select_metric, cfg.select_metric)
         diverged = (
-            f"stuck at chance level: training loss {train_loss[-1]:.3f} vs "
-            f"ln({num_classes}) = {math.log(num_classes):.3f}, best validation accuracy "
-            f"{best_acc:.3f} vs {majority:.3f} for always guessing the largest class"
+            f"stuck at chance level: best validation {name} {best:.3f} vs {chance:.3f} for always "
+            f"answering the largest class (training loss {train_loss[-1]:.3f}, "
+            f"ln({num_classes}) = {math.log(num_classes):.3f})"
         )
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -460,6 +512,7 @@ def fit(
         train_seconds=seconds,
         peak_memory_bytes=mem.peak,
         diverged=diverged,
+        val_metric=val_metric,
         extra={
             "memory_method": mem.method,
             "training_step": step.mode,

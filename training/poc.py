@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,42 @@ from training.data import Dataset, load_dataset
 from training.engine import RunResult, TrainConfig, fit, precision, resolve_device
 from training.measure import count_flops, count_params, measure_latency
 from training.report import write_html
-from training.stats import mcnemar, mean_std, paired_difference_ci
+from training.stats import mcnemar, mean_std, paired_bootstrap, rate_interval
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 BASELINE = "baseline"
+# The recipes every model is offered, the first being the fixed recipe of --no-search. Each is
+# trained once for a third of the epochs and scored on the validation split.
+SEARCH_GRID: tuple[tuple[str, float], ...] = (
+    ("sgd", 0.05),
+    ("sgd", 0.015),
+    ("adamw", 1e-3),
+    ("adamw", 3e-4),
+)
+SEARCH_SEED = 1000  # apart from the seeds whose runs are reported
+SKEWED = 1.5  # largest class over smallest in the training split: from here, macro F1 decides
+
+
+def choose_metric(requested: str, train_counts: list[int]) -> tuple[str, str]:
+    """The metric that selects checkpoints, recipes and states the verdict, and why."""
+    if requested != "auto":
+        return requested, "asked for"
+    ratio = max(train_counts) / max(min(train_counts), 1)
+    if ratio >= SKEWED:
+        return "macro_f1", (
+            f"the classes are skewed ({ratio:.1f}:1 in the training split), where accuracy "
+            "rewards answering the largest class"
+        )
+    return "accuracy", f"the classes are balanced ({ratio:.1f}:1 in the training split)"
+
+
+def failed_against_siblings(scores: list[float]) -> list[bool]:
+    """A seed far below its siblings is a failed run, not spread: its validation error exceeds
+    1.5x the best sibling's error plus 5 points. (On NEU, seeds differ by 1-2 points of error.)"""
+    if len(scores) < 2:
+        return [False] * len(scores)
+    best_error = 1.0 - max(scores)
+    return [(1.0 - s) > 1.5 * best_error + 0.05 for s in scores]
 
 
 @dataclass
@@ -46,6 +80,20 @@ class PocConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     latency_budget_s: float = 1.0
     progress: bool = True
+    search: bool = True  # the same short recipe search for every model (SEARCH_GRID)
+    metric: str = "auto"  # accuracy, macro_f1, or auto: macro F1 when the classes are skewed
+    good_class: str | None = None  # names the defect-free class: escape and false-reject rates
+    max_retries: int = 2  # per model: failed seeds trained again with a fresh seed
+
+
+def write_split(ds: Dataset, path: Path) -> Path:
+    """Which image went to which split, so the comparison can be repeated by other code."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for p, y, sp in zip(ds.paths, ds.labels.tolist(), ds.split, strict=True):
+            w.writerow([p, ds.classes[y], sp])
+    return path
 
 
 def _model_kwargs(ds: Dataset) -> dict[str, int]:
@@ -79,45 +127,76 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
     )
     data_seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)  # only once the data is usable: no empty run folders
+    write_split(ds, out / "split.csv")
     splits, mean, std = ds.resident(device)
     test_y = ds.labels[torch.as_tensor(ds.indices("test"))].numpy()
     kwargs = _model_kwargs(ds)
-    results: dict[str, list[RunResult]] = {m: [] for m in cfg.models}
+    k = len(ds.classes)
+    train_counts = torch.bincount(splits["train"][1].cpu(), minlength=k).tolist()
+    metric, metric_reason = choose_metric(cfg.metric, train_counts)
+    cfg.train.select_metric = metric
+    good = _good_index(cfg.good_class, ds.classes)
+    grid = SEARCH_GRID if cfg.search else ((cfg.train.optimizer, cfg.train.lr),)
+    search_epochs = max(3, cfg.train.epochs // 3)
     seeds = list(range(cfg.seeds))
-    total = len(seeds) * len(cfg.models) * cfg.train.epochs
+    total = len(cfg.models) * (
+        len(seeds) * cfg.train.epochs + (len(grid) * search_epochs if cfg.search else 0)
+    )
     progress(state="training", epochs_done=0, epochs_total=total)
     train_start = time.perf_counter()
     done = 0  # epochs counted here: a disabled progress bar counts nothing
+    recipes: dict[str, dict[str, Any]] = {}
+    results: dict[str, list[RunResult]] = {m: [] for m in cfg.models}
+    retries: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.models}
     with tqdm(total=total, desc="training", unit="epoch", disable=not cfg.progress) as bar:
 
-        def report_epochs(arch: str, seed: int, detail: str) -> None:
-            spent = time.perf_counter() - train_start
-            left = spent / done * (total - done) if done else None
-            progress(
-                epochs_done=done,
-                model=arch,
-                seed=seed,
-                detail=detail,
-                eta_seconds=round(left, 1) if left is not None else None,
-            )
+        def train(arch: str, seed: int, tc: TrainConfig, what: str) -> RunResult:
+            nonlocal done
 
-        for seed in seeds:
-            for arch in cfg.models:
+            def on_epoch(epoch: int, loss: float, val: float) -> None:
+                nonlocal done
+                detail = f"{arch} {what} loss {loss:.3f} val {val:.3f}"
+                bar.set_postfix_str(detail)
+                bar.update(1)
+                done += 1
+                spent = time.perf_counter() - train_start
+                left = spent / done * (bar.total - done) if done else None
+                progress(
+                    epochs_done=done,
+                    epochs_total=bar.total,
+                    model=arch,
+                    seed=seed,
+                    detail=detail,
+                    eta_seconds=round(left, 1) if left is not None else None,
+                )
 
-                def on_epoch(
-                    epoch: int, loss: float, acc: float, arch: str = arch, seed: int = seed
-                ) -> None:
-                    nonlocal done
-                    detail = f"{arch} seed {seed} loss {loss:.3f} val {acc:.3f}"
-                    bar.set_postfix_str(detail)
-                    bar.update(1)
-                    done += 1
-                    report_epochs(arch, seed, detail)
+            res = fit(arch, kwargs, splits, mean, std, seed, tc, on_epoch=on_epoch)
+            bar.update(tc.epochs - len(res.train_loss))  # a run stopped early
+            done += tc.epochs - len(res.train_loss)
+            return res
 
-                res = fit(arch, kwargs, splits, mean, std, seed, cfg.train, on_epoch=on_epoch)
-                bar.update(cfg.train.epochs - len(res.train_loss))  # a run stopped early
-                done += cfg.train.epochs - len(res.train_loss)
-                results[arch].append(res)
+        for arch in cfg.models:
+            recipes[arch] = _search(arch, grid, search_epochs, cfg, train)
+            tc = replace(cfg.train, optimizer=recipes[arch]["optimizer"], lr=recipes[arch]["lr"])
+            runs = [train(arch, seed, tc, f"seed {seed}") for seed in seeds]
+            for attempt in range(1, cfg.max_retries + 1):
+                failed = _failed(runs)
+                if not any(failed):
+                    break
+                for slot, why in enumerate(failed):
+                    if why is None:
+                        continue
+                    seed = seeds[slot] + 100 * attempt
+                    bar.total += tc.epochs
+                    new = train(arch, seed, tc, f"retry seed {seed}")
+                    retries[arch].append(
+                        {"slot": slot, "failed_seed": runs[slot].seed, "reason": why, "seed": seed}
+                    )
+                    runs[slot] = new
+            for r, why in zip(runs, _failed(runs), strict=True):
+                if r.diverged is None and why is not None:
+                    r.diverged = why  # still failed after the retries: excluded, and counted
+            results[arch] = runs
     progress(state="reporting", epochs_done=total, eta_seconds=None)
     meta_common = {
         "model_kwargs": kwargs,
@@ -131,9 +210,11 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
     models_report: dict[str, Any] = {}
     for arch, runs in results.items():
         models_report[arch] = _model_section(
-            arch, runs, ds, test_y, meta_common, out, device, cfg.latency_budget_s
+            arch, runs, ds, test_y, meta_common, out, device, cfg.latency_budget_s, metric, good
         )
-    comparison = _comparison(results, models_report, test_y)
+        models_report[arch]["recipe"] = recipes[arch]
+        models_report[arch]["retries"] = retries[arch]
+    comparison = _comparison(results, models_report, test_y, metric, k)
     report = {
         "report_version": REPORT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -174,12 +255,83 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
         },
         "models": models_report,
         "comparison": comparison,
-        "verdict": verdict(models_report, comparison),
+        "metric": {
+            "name": metric,
+            "reason": metric_reason,
+            "interval": "paired bootstrap over seeds and test images, 95%",
+            "good_class": cfg.good_class,
+        },
+        "search": {
+            "enabled": cfg.search,
+            "grid": [{"optimizer": o, "lr": lr} for o, lr in grid],
+            "epochs": search_epochs if cfg.search else 0,
+            "seconds": round(sum(r["seconds"] for r in recipes.values()), 3),
+        },
+        "verdict": verdict(models_report, comparison, metric),
     }
     report["run"]["wall_seconds"] = round(time.perf_counter() - started, 3)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_html(report, out / "report.html")
     return out
+
+
+def _good_index(good_class: str | None, classes: list[str]) -> int | None:
+    if good_class is None:
+        return None
+    if good_class not in classes:
+        raise ValueError(
+            f"--good-class {good_class!r} is not a class of this data; the classes are: "
+            + ", ".join(classes)
+        )
+    return classes.index(good_class)
+
+
+def _failed(runs: list[RunResult]) -> list[str | None]:
+    """Why each run counts as failed (diverged, at chance, or far below its siblings), or None."""
+    best = [max(r.val_metric) if r.val_metric and r.diverged is None else 0.0 for r in runs]
+    low = failed_against_siblings(best)
+    out: list[str | None] = []
+    for r, b, is_low in zip(runs, best, low, strict=True):
+        if r.diverged is not None:
+            out.append(r.diverged)
+        elif is_low:
+            out.append(
+                f"far below its siblings: best validation score {b:.3f} against {max(best):.3f}"
+            )
+        else:
+            out.append(None)
+    return out
+
+
+def _search(
+    arch: str,
+    grid: tuple[tuple[str, float], ...],
+    epochs: int,
+    cfg: PocConfig,
+    train: Callable[[str, int, TrainConfig, str], RunResult],
+) -> dict[str, Any]:
+    """The recipe for ``arch``: each grid entry trained briefly, the best validation score wins
+    (ties go to the earlier entry)."""
+    if len(grid) == 1:
+        optimizer, lr = grid[0]
+        return {"optimizer": optimizer, "lr": lr, "searched": False, "trials": [], "seconds": 0.0}
+    trials = []
+    t0 = time.perf_counter()
+    for optimizer, lr in grid:
+        tc = replace(cfg.train, optimizer=optimizer, lr=lr, epochs=epochs)
+        r = train(arch, SEARCH_SEED, tc, f"search {optimizer} lr {lr:g}")
+        finite = all(math.isfinite(v) for v in r.train_loss)
+        val = max(r.val_metric) if r.val_metric and finite else 0.0
+        trials.append({"optimizer": optimizer, "lr": lr, "val": round(val, 5)})
+    best = max(range(len(trials)), key=lambda i: (trials[i]["val"], -i))
+    return {
+        "optimizer": trials[best]["optimizer"],
+        "lr": trials[best]["lr"],
+        "searched": True,
+        "epochs": epochs,
+        "trials": trials,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _model_section(
@@ -191,6 +343,8 @@ def _model_section(
     out: Path,
     device: torch.device,
     latency_budget_s: float,
+    metric: str = "accuracy",
+    good: int | None = None,
 ) -> dict[str, Any]:
     k = len(ds.classes)
     labels = list(range(k))
@@ -208,6 +362,7 @@ def _model_section(
                 "test_accuracy": acc,
                 "test_macro_f1": f1,
                 "best_val_accuracy": max(r.val_accuracy) if r.val_accuracy else None,
+                f"best_val_{metric}": max(r.val_metric) if r.val_metric else None,
                 "best_epoch": r.best_epoch,
             },
             "diverged": r.diverged,
@@ -219,6 +374,7 @@ def _model_section(
                 "path": f"checkpoints/{arch}-seed{r.seed}",
                 "weights_sha256": written["weights_sha256"],
                 "best_val_accuracy": meta["metrics"]["best_val_accuracy"],
+                "best_val": meta["metrics"][f"best_val_{metric}"],
                 "diverged": r.diverged,
             }
         )
@@ -247,7 +403,7 @@ def _model_section(
         }
     deploy = max(
         (c for c in checkpoints if not c["diverged"]),
-        key=lambda c: c["best_val_accuracy"] or 0.0,
+        key=lambda c: c["best_val"] or 0.0,
         default=None,
     )
     model = create_model(arch, **meta_common["model_kwargs"])
@@ -274,7 +430,11 @@ def _model_section(
         "peak_memory_method": runs[0].extra.get("memory_method"),
         "accuracy": {**mean_std(ok_acc), "per_seed": per_seed_acc},
         "macro_f1": {**mean_std(ok_f1), "per_seed": per_seed_f1},
+        "score": {**mean_std(ok_f1 if metric == "macro_f1" else ok_acc), "metric": metric},
         "diverged": [{"seed": r.seed, "reason": r.diverged} for r in runs if r.diverged],
+        "seeds_failed": sum(r.diverged is not None for r in runs),
+        "seeds_run": len(runs),
+        **_plant_rates(valid, test_y, good),
         "per_class": per_class,
         "confusion_matrix": cm_total.tolist(),
         "confusion_matrix_note": f"test set, summed over {len(valid)} seed(s)",
@@ -283,6 +443,7 @@ def _model_section(
                 "seed": r.seed,
                 "train_loss": [round(v, 5) for v in r.train_loss],
                 "val_accuracy": [round(v, 5) for v in r.val_accuracy],
+                "val_score": [round(v, 5) for v in r.val_metric],
                 "best_epoch": r.best_epoch,
             }
             for r in runs
@@ -300,29 +461,51 @@ def _model_section(
     }
 
 
+def _plant_rates(runs: list[RunResult], test_y: np.ndarray, good: int | None) -> dict[str, Any]:
+    """What a plant pays for, when the good class is known: the escape rate (defective parts
+    passed as good) and the false-reject rate (good parts rejected), over the valid seeds."""
+    if good is None or not runs:
+        return {}
+    defective, ok = test_y != good, test_y == good
+    return {
+        "escape_rate": rate_interval([r.test_pred[defective] == good for r in runs]),
+        "false_reject_rate": rate_interval([r.test_pred[ok] != good for r in runs]),
+    }
+
+
 def _comparison(
-    results: dict[str, list[RunResult]], models: dict[str, Any], test_y: np.ndarray
+    results: dict[str, list[RunResult]],
+    models: dict[str, Any],
+    test_y: np.ndarray,
+    metric: str = "accuracy",
+    k: int = 2,
 ) -> dict[str, Any]:
-    """Each model against the baseline: paired interval over seeds, McNemar, cost ratios."""
+    """Each model against the baseline on the same test images: the difference in ``metric``
+    (paired bootstrap over seeds and images), McNemar per seed pair, cost ratios. Seeds pair by
+    slot, so a retried seed is compared with the baseline's run in the same slot."""
     preds = {name: m.pop("_test_pred") for name, m in models.items()}
     if BASELINE not in models:
         return {}
     base = models[BASELINE]
     out: dict[str, Any] = {}
+    slots = {
+        name: {i: np.asarray(r.test_pred) for i, r in enumerate(runs) if r.diverged is None}
+        for name, runs in results.items()
+    }
     for name, m in models.items():
         if name == BASELINE:
             continue
-        seeds = sorted(set(preds[name]) & set(preds[BASELINE]))
-        acc_m = [float(np.mean(np.asarray(preds[name][s]) == test_y)) for s in seeds]
-        acc_b = [float(np.mean(np.asarray(preds[BASELINE][s]) == test_y)) for s in seeds]
+        common = sorted(set(slots[name]) & set(slots[BASELINE]))
+        a = [slots[name][i] for i in common]
+        b = [slots[BASELINE][i] for i in common]
         tests = []
-        for s in seeds:
-            t = mcnemar(
-                np.asarray(preds[name][s]) == test_y, np.asarray(preds[BASELINE][s]) == test_y
-            )
-            tests.append({"seed": s, **t})
+        for i in common:
+            t = mcnemar(slots[name][i] == test_y, slots[BASELINE][i] == test_y)
+            tests.append({"slot": i, **t})
         out[name] = {
-            "accuracy_difference": paired_difference_ci(acc_m, acc_b),
+            "metric": metric,
+            "difference": paired_bootstrap(metric, test_y, a, b, k),
+            "accuracy_difference": paired_bootstrap("accuracy", test_y, a, b, k),
             "mcnemar": tests,
             "mcnemar_significant_seeds": sum(t["p_value"] < 0.05 for t in tests),
             "params_ratio": m["params"] / base["params"],
@@ -330,6 +513,7 @@ def _comparison(
             "latency_ratio": m["latency_p50_ms"] / base["latency_p50_ms"],
             "train_time_ratio": (m["train_seconds"]["total"] / base["train_seconds"]["total"]),
         }
+    del preds
     return out
 
 
@@ -337,49 +521,76 @@ def _pts(x: float) -> str:
     return f"{x * 100:+.1f}"
 
 
-def verdict(models: dict[str, Any], comparison: dict[str, Any]) -> str:
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro F1"}
+LABELS = {"maxmin": "MaxMin", "maxmin_half": "cost-matched MaxMin"}
+
+
+def _failures(models: dict[str, Any], name: str) -> str:
+    m = models[name]
+    if not m.get("seeds_failed"):
+        return ""
+    label = LABELS.get(name, "the plain CNN" if name == BASELINE else name)
+    return (
+        f" {label} failed to train on {m['seeds_failed']} of {m['seeds_run']} seed(s) even "
+        "after retries, a risk that counts against it."
+    )
+
+
+def verdict(models: dict[str, Any], comparison: dict[str, Any], metric: str = "accuracy") -> str:
     """One or two plain sentences; a gain is claimed only when the whole interval is above zero."""
     if not comparison:
         return "No baseline was trained, so there is nothing to compare against."
-    base_acc = models[BASELINE]["accuracy"]["mean"]
-    if base_acc is None:
+    name = METRIC_NAMES.get(metric, metric)
+    base_score = models[BASELINE]["score"]["mean"]
+    if base_score is None:
         return "The plain CNN did not train properly on any seed; no comparison can be made."
     main = "maxmin" if "maxmin" in comparison else next(iter(comparison))
     c = comparison[main]
-    d = c["accuracy_difference"]
-    label = {"maxmin": "MaxMin", "maxmin_half": "cost-matched MaxMin"}.get(main, main)
+    d = c["difference"]
+    label = LABELS.get(main, main)
     if d["mean"] is None:
         return f"{label} did not train properly on any seed; no comparison can be made."
     cost = f"{c['params_ratio']:.1f}x the parameters and {c['latency_ratio']:.1f}x the latency"
-    acc = models[main]["accuracy"]["mean"]
-    head = f"{label} scored {acc * 100:.1f}% against {base_acc * 100:.1f}% for the plain CNN"
-    if d["low"] is None:
-        return (
-            f"{head} ({_pts(d['mean'])} points) from a single seed, at {cost}; "
-            "run several seeds before deciding, one run cannot separate a gain from luck."
-        )
+    sc = models[main]["score"]["mean"]
+    head = (
+        f"{label} scored a {name} of {sc * 100:.1f}% against {base_score * 100:.1f}% for the "
+        "plain CNN"
+    )
+    risks = _failures(models, main) + _failures(models, BASELINE)
     ci = (
         f"{_pts(d['mean'])} points, 95% CI {_pts(d['low'])} to {_pts(d['high'])} "
-        f"over {d['n']} seeds"
+        f"over {d['n']} seed(s) and the test images"
     )
+    if d["n"] < 2:
+        risks += (
+            " One seed cannot separate a gain from a lucky run: run several seeds before deciding."
+        )
     if d["low"] > 0:
         first = f"{head} ({ci}), a real gain at {cost}."
         half = comparison.get("maxmin_half") if main == "maxmin" else None
-        if half and half["accuracy_difference"]["low"] is not None:
-            if half["accuracy_difference"]["low"] > 0:
-                return first + (
-                    " The cost-matched MaxMin also beats it, so the gain comes from MaxMin "
-                    "itself, not from size."
+        if half and half["difference"]["low"] is not None:
+            if half["difference"]["low"] > 0:
+                return (
+                    first
+                    + risks
+                    + (
+                        " The cost-matched MaxMin also beats it, so the gain comes from MaxMin "
+                        "itself, not from size."
+                    )
                 )
-            return first + (
-                " The cost-matched MaxMin does not show a reliable gain, so part of it may "
-                "come from the extra size."
+            return (
+                first
+                + risks
+                + (
+                    " The cost-matched MaxMin does not show a reliable gain, so part of it may "
+                    "come from the extra size."
+                )
             )
-        return first
+        return first + risks
     if d["high"] < 0:
-        return f"{head} ({ci}): MaxMin is worse on this data; keep the plain CNN."
+        return f"{head} ({ci}): MaxMin is worse on this data; keep the plain CNN." + risks
     return (
         f"{head} ({ci}): no reliable difference on this data, since the interval includes zero; "
         f"at {cost}, MaxMin has not earned its cost, so keep the plain CNN unless more seeds or "
-        "more images show a gain."
+        "more images show a gain." + risks
     )

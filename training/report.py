@@ -28,10 +28,13 @@ def _svg(fig: plt.Figure) -> str:
 
 
 def accuracy_cost_chart(report: dict[str, Any]) -> str:
-    """Test accuracy (mean, with the spread over seeds) against parameters and latency."""
+    """The report's metric on the test set (mean, with the spread over seeds) against parameters
+    and latency."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    metric = (report.get("metric") or {}).get("name", "accuracy")
+    label = {"macro_f1": "macro F1"}.get(metric, metric)
     for name, m in report["models"].items():
-        acc = m["accuracy"]
+        acc = m[metric]
         if acc["mean"] is None:
             continue
         err = (acc["std"] or 0) * 100
@@ -52,9 +55,9 @@ def accuracy_cost_chart(report: dict[str, Any]) -> str:
         f"latency p50, batch 1 (ms, {next(iter(report['models'].values()))['latency_device']})"
     )
     for ax in axes:
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test {label} (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle("Accuracy versus cost (mean ± std over seeds)")
+    fig.suptitle(f"{label.capitalize()} versus cost (mean ± std over seeds)")
     return _svg(fig)
 
 
@@ -63,8 +66,9 @@ def curves_chart(report: dict[str, Any]) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for name, m in report["models"].items():
         color = COLORS.get(name)
-        for key, ax in (("train_loss", axes[0]), ("val_accuracy", axes[1])):
-            series = [c[key] for c in m["curves"] if c[key]]
+        for key, ax in (("train_loss", axes[0]), ("val_score", axes[1])):
+            series = [c.get(key) or c.get("val_accuracy") for c in m["curves"]]
+            series = [s for s in series if s]
             for s in series:
                 ax.plot(range(1, len(s) + 1), s, color=color, alpha=0.25, lw=1)
             n = min((len(s) for s in series), default=0)
@@ -72,7 +76,8 @@ def curves_chart(report: dict[str, Any]) -> str:
                 mean = [sum(s[i] for s in series) / len(series) for i in range(n)]
                 ax.plot(range(1, n + 1), mean, color=color, lw=2, label=name)
     axes[0].set_title("training loss")
-    axes[1].set_title("validation accuracy")
+    metric = (report.get("metric") or {}).get("name", "accuracy")
+    axes[1].set_title(f"validation {metric.replace('macro_f1', 'macro F1')}")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

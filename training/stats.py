@@ -49,3 +49,78 @@ def mcnemar(model_correct: np.ndarray, baseline_correct: np.ndarray) -> dict[str
         "only_baseline_correct": only_baseline,
         "p_value": p,
     }
+
+
+def _scores(metric: str, y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """``metric`` of each row of ``pred`` (R x N) against each row of ``y`` (R x N)."""
+    r = y.shape[0]
+    flat = (np.arange(r)[:, None] * k * k + y * k + pred).ravel()
+    cm = np.bincount(flat, minlength=r * k * k).reshape(r, k, k).astype(float)
+    if metric == "accuracy":
+        return np.trace(cm, axis1=1, axis2=2) / max(y.shape[1], 1)
+    denom = cm.sum(1) + cm.sum(2)
+    diag = np.diagonal(cm, axis1=1, axis2=2)
+    return np.mean(np.where(denom > 0, 2 * diag / np.maximum(denom, 1), 0.0), axis=1)
+
+
+def paired_bootstrap(
+    metric: str,
+    y: np.ndarray,
+    preds_a: list[np.ndarray],
+    preds_b: list[np.ndarray],
+    k: int,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, float | int | str | None]:
+    """Mean over seeds of ``metric``(a) - ``metric``(b) on the same test images, with a two-level
+    percentile bootstrap: each resample draws the seed pairs with replacement, then the test
+    images with replacement (the same images for both models). So the interval holds both the seed
+    noise and the finite test set, which a t-interval over 2-3 seed differences cannot."""
+    y = np.asarray(y)
+    n_seeds = min(len(preds_a), len(preds_b))
+    if n_seeds == 0 or len(y) == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0, "method": "paired bootstrap"}
+    a = np.stack([np.asarray(p) for p in preds_a[:n_seeds]])
+    b = np.stack([np.asarray(p) for p in preds_b[:n_seeds]])
+    ys = np.broadcast_to(y, a.shape)
+    mean = float(np.mean(_scores(metric, ys, a, k) - _scores(metric, ys, b, k)))
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    for i in range(resamples):
+        s = rng.integers(0, n_seeds, n_seeds)
+        idx = rng.integers(0, len(y), len(y))
+        yy = np.broadcast_to(y[idx], (n_seeds, len(y)))
+        diffs[i] = np.mean(
+            _scores(metric, yy, a[s][:, idx], k) - _scores(metric, yy, b[s][:, idx], k)
+        )
+    tail = (1 - level) / 2 * 100
+    return {
+        "mean": mean,
+        "low": float(np.percentile(diffs, tail)),
+        "high": float(np.percentile(diffs, 100 - tail)),
+        "n": n_seeds,
+        "method": f"paired bootstrap over seeds and test images ({resamples} resamples)",
+    }
+
+
+def rate_interval(
+    hits: list[np.ndarray], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict[str, float | int | None]:
+    """Mean over seeds of the fraction of True in each of ``hits`` (one boolean array per seed,
+    over the same images), with the same two-level bootstrap as :func:`paired_bootstrap`."""
+    if not hits or len(hits[0]) == 0:
+        return {"rate": None, "low": None, "high": None, "images": 0}
+    h = np.stack([np.asarray(x, dtype=float) for x in hits])
+    rng = np.random.default_rng(seed)
+    n_seeds, n = h.shape
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        draws[i] = h[rng.integers(0, n_seeds, n_seeds)][:, rng.integers(0, n, n)].mean()
+    tail = (1 - level) / 2 * 100
+    return {
+        "rate": float(h.mean()),
+        "low": float(np.percentile(draws, tail)),
+        "high": float(np.percentile(draws, 100 - tail)),
+        "images": int(n),
+    }
