@@ -28,6 +28,7 @@ class SmallCNN(nn.Module):
         maxmin: bool = False,
         hidden: int = 64,
         fused: bool | None = None,
+        norm: str = "none",
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -38,38 +39,75 @@ class SmallCNN(nn.Module):
             raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
         layers: list[nn.Module] = []
         channels = in_channels
+        if norm not in ("none", "batch"):
+            raise ValueError(f"norm must be 'none' or 'batch', got {norm!r}")
+        bn = norm == "batch"
         for width in widths:
-            layers.append(nn.Conv2d(channels, width, kernel_size=5, padding=2))
+            layers.append(nn.Conv2d(channels, width, kernel_size=5, padding=2, bias=norm == "none"))
+            if norm == "batch":
+                layers.append(nn.BatchNorm2d(width))
             layers.append(MaxMinPool(fused=fused) if maxmin else ReluPool())
             channels = 2 * width if maxmin else width
         self.features = nn.Sequential(*layers)
         with torch.no_grad():  # a dry run gives the flattened size for any input size
             probe = torch.zeros(1, in_channels, image_size, image_size)
             self.flat_features = self.features(probe).numel()
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(self.flat_features, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        head: list[nn.Module] = [nn.Flatten(), nn.Linear(self.flat_features, hidden, bias=not bn)]
+        if bn:
+            head.append(nn.BatchNorm1d(hidden))
+        head += [nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
+        self.classifier = nn.Sequential(*head)
+
+        self._init_weights(maxmin)
+
+    def _init_weights(self, maxmin: bool) -> None:
+        """He initialization with the gain of the activation that follows, so every layer passes
+        on signals of the same size in both networks. ReLU keeps half of its input's energy (gain
+        sqrt 2); MaxMin keeps all of it in twice the maps (gain 1). PyTorch's default init instead
+        shrinks the signal at every layer, which leaves faint defects a vanishing gradient and
+        the nets sitting at the class prior for many epochs (docs/training.md)."""
+        for m in self.features:
+            if isinstance(m, nn.Conv2d):
+                gain = "linear" if maxmin else "relu"
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity=gain)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        hidden, out = self.classifier[1], self.classifier[-1]
+        nn.init.kaiming_normal_(hidden.weight, mode="fan_in", nonlinearity="relu")
+        if hidden.bias is not None:
+            nn.init.zeros_(hidden.bias)
+        nn.init.normal_(out.weight, std=0.01)  # start from near-uniform answers
+        nn.init.zeros_(out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
 @register_model()
-def baseline(num_classes: int, in_channels: int = 3, image_size: int = 64) -> SmallCNN:
+def baseline(
+    num_classes: int, in_channels: int = 3, image_size: int = 64, norm: str = "none"
+) -> SmallCNN:
     """The plain CNN: ReLU after each convolution (32, 32, 64 maps)."""
-    return SmallCNN(num_classes, in_channels, image_size, widths=(32, 32, 64), maxmin=False)
+    return SmallCNN(
+        num_classes, in_channels, image_size, widths=(32, 32, 64), maxmin=False, norm=norm
+    )
 
 
 @register_model()
-def maxmin(num_classes: int, in_channels: int = 3, image_size: int = 64) -> SmallCNN:
+def maxmin(
+    num_classes: int, in_channels: int = 3, image_size: int = 64, norm: str = "none"
+) -> SmallCNN:
     """The MaxMin CNN: the same widths, MaxMin after each convolution (about 2x the parameters)."""
-    return SmallCNN(num_classes, in_channels, image_size, widths=(32, 32, 64), maxmin=True)
+    return SmallCNN(
+        num_classes, in_channels, image_size, widths=(32, 32, 64), maxmin=True, norm=norm
+    )
 
 
 @register_model()
-def maxmin_half(num_classes: int, in_channels: int = 3, image_size: int = 64) -> SmallCNN:
+def maxmin_half(
+    num_classes: int, in_channels: int = 3, image_size: int = 64, norm: str = "none"
+) -> SmallCNN:
     """MaxMin with halved widths (16, 16, 32): the cost-matched control for the baseline."""
-    return SmallCNN(num_classes, in_channels, image_size, widths=(16, 16, 32), maxmin=True)
+    return SmallCNN(
+        num_classes, in_channels, image_size, widths=(16, 16, 32), maxmin=True, norm=norm
+    )

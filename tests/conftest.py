@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 NEU_DIR = Path(
     os.environ.get("MAXMIN_NEU_DIR", REPO.parent / "shared" / "datasets" / "neu_surface")
 )
+ELPV_DIR = Path(os.environ.get("MAXMIN_ELPV_DIR", REPO.parent / "shared" / "datasets" / "elpv"))
 
 
 def write_folder(
@@ -66,6 +67,16 @@ def neu_dir() -> Path:
             pytest.fail(f"NEU data not found at {NEU_DIR} (MAXMIN_REQUIRE_NEU=1)")
         pytest.skip(f"NEU data not found at {NEU_DIR}; set MAXMIN_NEU_DIR to run this test")
     return NEU_DIR
+
+
+@pytest.fixture(scope="session")
+def elpv_dir() -> Path:
+    """The ELPV solar-cell images (skewed classes); CI sets MAXMIN_REQUIRE_ELPV=1."""
+    if not ELPV_DIR.is_dir():
+        if os.environ.get("MAXMIN_REQUIRE_ELPV") == "1":
+            pytest.fail(f"ELPV data not found at {ELPV_DIR} (MAXMIN_REQUIRE_ELPV=1)")
+        pytest.skip(f"ELPV data not found at {ELPV_DIR}; set MAXMIN_ELPV_DIR to run this test")
+    return ELPV_DIR
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -37,7 +37,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = write_folder(root / "parts", {"good": 14, "scratch": 14, "dent": 8}, easy=True)
     (data / "good" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = root / "run"
-    assert main(["train", str(data), "--out", str(out), "--cache-dir", str(root / "c"), *FAST]) == 0
+    argv = ["train", str(data), "--out", str(out), "--cache-dir", str(root / "c"), *FAST]
+    assert main([*argv, "--good-class", "good"]) == 0
     return out
 
 
@@ -74,6 +75,26 @@ def test_report_meets_the_contract(run_dir: Path) -> None:
         )
         assert c["latency_ratio"] > 0 and c["train_time_ratio"] > 0
     assert isinstance(r["verdict"], str) and len(r["verdict"]) > 20
+    # 14/14/8 images: skewed enough that macro F1 decides, and the report says why.
+    assert r["metric"]["name"] == "macro_f1" and "skewed" in r["metric"]["reason"]
+    assert "macro F1" in r["verdict"]
+    # Every model was offered the same recipes, and the report shows what each got.
+    grid = [(g["optimizer"], g["lr"]) for g in r["search"]["grid"]]
+    assert r["search"]["enabled"] and len(grid) >= 3 and r["search"]["seconds"] > 0
+    for m in r["models"].values():
+        assert [(t["optimizer"], t["lr"]) for t in m["recipe"]["trials"]] == grid
+        assert (m["recipe"]["optimizer"], m["recipe"]["lr"]) in grid
+        assert m["score"]["metric"] == "macro_f1"
+        for key in ("escape_rate", "false_reject_rate"):
+            if m["seeds_failed"] < m["seeds_run"]:
+                assert 0 <= m[key]["low"] <= m[key]["rate"] <= m[key]["high"] <= 1
+        assert isinstance(m["retries"], list)
+    for name in ("maxmin", "maxmin_half"):
+        d = r["comparison"][name]["difference"]
+        assert "bootstrap" in d["method"] and d["low"] <= d["mean"] <= d["high"]
+    # The split is written down, so other code can repeat the comparison on the same images.
+    rows = (run_dir / "split.csv").read_text().splitlines()
+    assert rows[0] == "path,label,split" and len(rows) == 1 + 36
     # On CUDA the default run (bf16 autocast where supported) trains with captured graphs.
     expected = ["CUDA graph"] if r["run"]["device"].startswith("cuda") else ["eager"]
     assert r["run"]["training_step"] == expected and r["run"]["training_step_fallbacks"] == []
@@ -139,6 +160,7 @@ def test_divergence_is_detected_and_excluded(small_folder: Path) -> None:
         (["train", "{data}", "--models", "baseline,vgg"], "unknown model 'vgg'"),
         (["train", "{data}", "--augment", "rotate"], "unknown augmentation rotate"),
         (["train", "{data}", "--device", "tpu"], "unknown device 'tpu'"),
+        (["train", "{data}", "--good-class", "ok"], "--good-class 'ok' is not a class"),
         (["report", "{tmp}"], "report.json not found"),
     ],
 )
@@ -230,11 +252,16 @@ def test_class_weights_balance_rare_classes() -> None:
     from training.engine import class_weights
 
     labels = torch.tensor([0] * 80 + [1] * 15 + [2] * 5)
-    w = class_weights(labels, 3)
+    w = class_weights(labels, 3, "inverse")
     # Each class's total weight is the same, so a rare defect counts as much as the common one.
     totals = torch.bincount(labels, minlength=3).float() * w
     assert torch.allclose(totals, totals[0].expand(3))
     assert w[2] > w[1] > w[0] and abs(float((w * torch.bincount(labels)).sum()) - 100) < 1e-4
+    # The default goes half way: the rare class weighs 4x the common one, not 16x.
+    s = class_weights(labels, 3)
+    assert float(s[2] / s[0]) == pytest.approx(4.0) and s[2] > s[1] > s[0]
+    assert abs(float((s * torch.bincount(labels)).sum()) - 100) < 1e-4
+    assert torch.equal(class_weights(labels, 3, "none"), torch.ones(3))
 
 
 def test_precision_follows_the_hardware_and_the_option(
@@ -259,8 +286,9 @@ def _small_splits(folder: Path, device: torch.device):  # noqa: ANN202
 
 
 def _plain_loop(arch, kwargs, splits, mean, std, seed, cfg, device):  # noqa: ANN001, ANN202
-    """The textbook loop the engine must match: PyTorch's AdamW and one-cycle scheduler stepped
-    per batch, augmentation drawn per batch. Returns each epoch's mean loss and weights."""
+    """The textbook loop the engine must match: PyTorch's SGD-Nesterov or AdamW and one-cycle
+    scheduler stepped per batch, augmentation drawn per batch. Returns each epoch's mean loss and
+    weights."""
     from models import create_model
     from training.engine import augment, class_weights, normalize
 
@@ -270,12 +298,22 @@ def _plain_loop(arch, kwargs, splits, mean, std, seed, cfg, device):  # noqa: AN
         model = model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
     (x_all, y_all), n = splits["train"], len(splits["train"][0])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+        )
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = sum(1 for s in range(0, n, cfg.batch_size) if n - s >= 2)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps + 1, pct_start=0.15, cycle_momentum=False
     )
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(y_all.cpu(), 3).to(device))
+    weights = class_weights(y_all.cpu(), 3, cfg.class_weighting)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device))
     losses, states = [], []
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=gen).to(device)
@@ -296,8 +334,13 @@ def _plain_loop(arch, kwargs, splits, mean, std, seed, cfg, device):  # noqa: AN
     return losses, states
 
 
+@pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 0.05), ("adamw", 3e-3)])
 def test_training_step_matches_a_plain_loop(
-    small_folder: Path, device: torch.device, monkeypatch: pytest.MonkeyPatch
+    optimizer: str,
+    lr: float,
+    small_folder: Path,
+    device: torch.device,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The engine's step (on CUDA a captured graph replayed per batch, eagerly elsewhere) trains
     as the textbook loop does: same losses each epoch, same weights at the kept epoch."""
@@ -311,7 +354,9 @@ def test_training_step_matches_a_plain_loop(
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     splits, mean, std, kwargs = _small_splits(small_folder, device)
     assert len(splits["train"][0]) % 8 >= 2  # a short last batch, so two graphs
-    cfg = TrainConfig(epochs=4, batch_size=8, device=str(device), amp=False, lr=3e-3)
+    cfg = TrainConfig(
+        epochs=4, batch_size=8, device=str(device), amp=False, optimizer=optimizer, lr=lr
+    )
     res = fit("maxmin", kwargs, splits, mean, std, 7, cfg)
     assert res.extra["training_step"] == ("CUDA graph" if device.type == "cuda" else "eager")
     assert res.extra["step_fallback"] is None
@@ -361,5 +406,6 @@ def test_batch_size_one_still_trains(small_folder: Path) -> None:
     plan, batches = epoch_plan(9, 4, 16, ("hflip",), torch.Generator().manual_seed(0))
     assert [b for _, b in batches] == [4, 4] and steps_per_epoch(9, 4) == 2
     splits, mean, std, kwargs = _small_splits(small_folder, torch.device("cpu"))
-    res = fit("baseline", kwargs, splits, mean, std, 0, TrainConfig(epochs=2, batch_size=1))
+    cfg = TrainConfig(epochs=2, batch_size=1, lr=0.002)  # one image per step: a gentler rate
+    res = fit("baseline", kwargs, splits, mean, std, 0, cfg)
     assert res.train_loss[0] > 0 and res.train_loss[1] < res.train_loss[0]

@@ -82,8 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--optimizer",
         choices=("sgd", "adamw"),
         default=None,
-        help="fix the optimizer (sgd: Nesterov momentum) instead of searching; implies "
-        "--no-search",
+        help="fix the optimizer (sgd: Nesterov momentum) instead of searching; implies --no-search",
     )
     t.add_argument(
         "--lr",
@@ -117,6 +116,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=("sqrt", "inverse", "none"),
         default="sqrt",
         help="loss weight per class, from its frequency (default: sqrt, 1/sqrt(frequency))",
+    )
+    t.add_argument(
+        "--norm",
+        choices=("batch", "none"),
+        default="batch",
+        help="batch: batch normalization after each convolution and the hidden layer, in every "
+        "model (default); none: the paper's networks as published",
     )
     t.add_argument(
         "--retries",
@@ -347,6 +353,7 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
         metric=args.metric,
         good_class=args.good_class,
         max_retries=args.retries,
+        norm=args.norm,
     )
     run_dir = run_poc(cfg, on_progress=status.update)
     import json

@@ -84,6 +84,9 @@ class PocConfig:
     metric: str = "auto"  # accuracy, macro_f1, or auto: macro F1 when the classes are skewed
     good_class: str | None = None  # names the defect-free class: escape and false-reject rates
     max_retries: int = 2  # per model: failed seeds trained again with a fresh seed
+    # Batch normalization after every convolution and the hidden layer, in every model: without
+    # it, the hidden layer's units die on faint, skewed data (docs/training.md).
+    norm: str = "batch"
 
 
 def write_split(ds: Dataset, path: Path) -> Path:
@@ -96,8 +99,13 @@ def write_split(ds: Dataset, path: Path) -> Path:
     return path
 
 
-def _model_kwargs(ds: Dataset) -> dict[str, int]:
-    return {"num_classes": len(ds.classes), "in_channels": ds.channels, "image_size": ds.size}
+def _model_kwargs(ds: Dataset, norm: str) -> dict[str, int | str]:
+    return {
+        "num_classes": len(ds.classes),
+        "in_channels": ds.channels,
+        "image_size": ds.size,
+        "norm": norm,
+    }
 
 
 def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> Path:
@@ -126,16 +134,18 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
         progress=cfg.progress,
     )
     data_seconds = time.perf_counter() - t0
+    good = _good_index(cfg.good_class, ds.classes)
+    if cfg.norm == "batch" and cfg.train.batch_size < 2:
+        raise ValueError("--batch-size 1 cannot train with batch normalization; use --norm none")
     out.mkdir(parents=True, exist_ok=True)  # only once the data is usable: no empty run folders
     write_split(ds, out / "split.csv")
     splits, mean, std = ds.resident(device)
     test_y = ds.labels[torch.as_tensor(ds.indices("test"))].numpy()
-    kwargs = _model_kwargs(ds)
+    kwargs = _model_kwargs(ds, cfg.norm)
     k = len(ds.classes)
     train_counts = torch.bincount(splits["train"][1].cpu(), minlength=k).tolist()
     metric, metric_reason = choose_metric(cfg.metric, train_counts)
     cfg.train.select_metric = metric
-    good = _good_index(cfg.good_class, ds.classes)
     grid = SEARCH_GRID if cfg.search else ((cfg.train.optimizer, cfg.train.lr),)
     search_epochs = max(3, cfg.train.epochs // 3)
     seeds = list(range(cfg.seeds))
