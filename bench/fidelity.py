@@ -38,6 +38,7 @@ REF_RECIPE = {
     "loss": "cross-entropy, no class weights",
     "augmentation": "none",
     "weights": "last epoch",
+    "model": "the paper's networks (no normalization layers), PyTorch's default initialization",
 }
 
 
@@ -77,6 +78,9 @@ def reference_fit(arch: str, data: dict, seed: int, epochs: int, lr: float = 0.0
     x, y = data["train"]
     k = len(data["classes"])
     model = create_model(arch, num_classes=k, in_channels=x.shape[1], image_size=x.shape[2])
+    for m in model.modules():  # PyTorch's own initialization, as a textbook script would have
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.reset_parameters()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     batch = REF_RECIPE["batch_size"]
     steps = (len(x) + batch - 1) // batch
