@@ -11,7 +11,8 @@ model, test accuracy and macro F1 (mean ± sd over seeds) for both, and checks t
 - wherever the reference's interval for MaxMin minus the baseline excludes zero, the trainer's
   verdict has the same sign.
 
-    python bench/fidelity.py DATA_DIR [DATA_DIR ...] --out bench/results/fidelity.json
+    python bench/fidelity.py DATA_DIR [DATA_DIR ...] --out bench/results/fidelity.json \
+        [--train-args '--good-class ok']
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -203,9 +205,11 @@ def main() -> None:
     p.add_argument("--runs", default="runs/fidelity", help="where the trainer's runs go")
     p.add_argument("--reuse", action="store_true", help="reuse a finished trainer run")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
-    p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="after --: passed to train")
+    p.add_argument(
+        "--train-args", default="", help="extra options for train, e.g. '--good-class ok'"
+    )
     args = p.parse_args()
-    args.trainer_args = [a for a in args.trainer_args if a != "--"]
+    args.trainer_args = shlex.split(args.train_args)
     torch.set_num_threads(torch.get_num_threads())
     results = {"reference_recipe": REF_RECIPE, "torch": torch.__version__, "datasets": []}
     for data_dir in args.data:
