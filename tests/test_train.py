@@ -409,3 +409,39 @@ def test_batch_size_one_still_trains(small_folder: Path) -> None:
     cfg = TrainConfig(epochs=2, batch_size=1, lr=0.002)  # one image per step: a gentler rate
     res = fit("baseline", kwargs, splits, mean, std, 0, cfg)
     assert res.train_loss[0] > 0 and res.train_loss[1] < res.train_loss[0]
+
+
+def test_search_skips_a_recipe_that_diverges(
+    small_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every model is offered the same grid; an entry that blows up scores nothing and is passed
+    over, so no model is handicapped by a recipe that does not suit it."""
+    from training import poc
+
+    monkeypatch.setattr(poc, "SEARCH_GRID", (("sgd", 1e6), ("sgd", 0.02)))
+    out = tmp_path / "run"
+    argv = ["train", str(small_folder), "--out", str(out), *FAST, "--models", "baseline,maxmin"]
+    assert main(argv) == 0
+    r = json.loads((out / "report.json").read_text())
+    for m in r["models"].values():
+        assert [t["lr"] for t in m["recipe"]["trials"]] == [1e6, 0.02]
+        assert m["recipe"]["trials"][0]["val"] == 0 and m["recipe"]["lr"] == 0.02
+    assert r["search"]["epochs"] == 3 and r["search"]["seconds"] > 0
+
+
+def test_failed_seeds_are_retried_then_counted_against_the_model(
+    small_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    argv = ["train", str(small_folder), "--out", str(out), *FAST, "--models", "baseline,maxmin"]
+    assert main([*argv, "--lr", "1e6", "--retries", "2"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["search"]["enabled"] is False  # a fixed --lr is a fixed recipe
+    for m in r["models"].values():
+        # Each failed seed is retried twice, with a fresh seed each time.
+        assert [t["seed"] for t in m["retries"]] == [100, 101, 200, 201]
+        assert "training loss became" in m["retries"][0]["reason"]
+        assert m["seeds_failed"] == 2 and len(m["diverged"]) == 2
+    assert "did not train properly" in r["verdict"]
+    html = (out / "report.html").read_text()
+    assert "trained again with a fresh seed" in html and "still failed" in html

@@ -128,8 +128,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--retries",
         type=int,
         default=2,
-        help="per model, how many failed seeds (diverged, at chance, or far below their "
-        "siblings) are trained again with a fresh seed (default: 2)",
+        help="how many times a failed run (diverged, at chance, or far below its sibling "
+        "seeds) is trained again with a fresh seed (default: 2)",
     )
     t.add_argument(
         "--precision",

@@ -157,9 +157,8 @@ def class_weights(labels: torch.Tensor, num_classes: int, mode: str = "sqrt") ->
 @functools.cache
 def bf16_native(device_type: str) -> bool:
     """Whether this device computes in bf16 natively: CUDA cards that support it, and CPUs with
-    AVX512-BF16 or AMX. Elsewhere bf16 would be emulated, slower than fp32, so it stays off.
-    On a 2-core AVX512-BF16 CPU, autocast trained the baseline and MaxMin nets 2.1x faster per
-    step (bench/train_bench.py, BENCHMARKS.md)."""
+    AVX512-BF16 or AMX. Elsewhere bf16 would be emulated, slower than fp32, so it stays off
+    (bench/train_bench.py measures both)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type == "cpu":

@@ -83,7 +83,7 @@ class PocConfig:
     search: bool = True  # the same short recipe search for every model (SEARCH_GRID)
     metric: str = "auto"  # accuracy, macro_f1, or auto: macro F1 when the classes are skewed
     good_class: str | None = None  # names the defect-free class: escape and false-reject rates
-    max_retries: int = 2  # per model: failed seeds trained again with a fresh seed
+    max_retries: int = 2  # how often a failed seed is trained again, each time with a fresh seed
     # Batch normalization after every convolution and the hidden layer, in every model: without
     # it, the hidden layer's units die on faint, skewed data (docs/training.md).
     norm: str = "batch"
