@@ -294,7 +294,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         follower = asyncio.create_task(_follow(app, settings.reload_seconds))
     # Everything loaded so far lives as long as the service: keep it out of the garbage
     # collector's full passes, which otherwise walk every object of torch, SQLAlchemy and FastAPI
-    # (bench/gc_bench.py: about 190 ms per full pass on a 2-core CPU, stalling every request).
+    # and stall every request while they run (bench/gc_bench.py measures a pass).
     gc.collect()
     gc.freeze()
     yield

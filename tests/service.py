@@ -81,6 +81,13 @@ def png_bytes(seed: int = 0, size: int = 32, brightness: int = 120) -> bytes:
     return buf.getvalue()
 
 
+def image_as(fmt: str, size: int = 32) -> bytes:
+    """A small image saved in ``fmt``, any format Pillow writes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (90, 120, 150)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
 def flat_png(size: int) -> bytes:
     """A large but tiny-on-disk PNG: one grey level."""
     buf = io.BytesIO()

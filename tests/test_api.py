@@ -18,6 +18,7 @@ from tests.service import (
     CLASSES,
     bomb_png,
     flat_png,
+    image_as,
     jpeg_bytes,
     make_key,
     malformed_corpus,
@@ -122,6 +123,9 @@ def test_same_image_classifies_the_same_way(client: TestClient) -> None:
 
 BAD_UPLOADS = [
     ("not an image", lambda c: predict(c, b"hello, I am text"), 422, "not a recognised image"),
+    ("GIF", lambda c: predict(c, image_as("GIF")), 415, "GIF images are not accepted"),
+    ("WebP", lambda c: predict(c, image_as("WEBP")), 415, "WEBP images are not accepted"),
+    ("EPS", lambda c: predict(c, image_as("EPS")), 415, "EPS images are not accepted"),
     ("truncated", lambda c: predict(c, png_bytes(1)[:80]), 422, "corrupt or truncated"),
     ("bomb", lambda c: predict(c, bomb_png()), 413, "too large"),
     ("over pixel limit", lambda c: predict(c, flat_png(1100)), 413, "more than the limit"),

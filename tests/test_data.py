@@ -23,6 +23,9 @@ def test_unreadable_files_are_skipped_with_reasons(small_folder: Path) -> None:
     (good / "fake.jpg").write_bytes(b"this is not a jpeg")
     (good / "empty.png").write_bytes(b"")
     (good / "notes.txt").write_text("inspection notes")
+    gif = Image.open(good / "good_2.png")
+    gif.save(good / "animated.tiff.gif", format="GIF")
+    gif.save(good / "renamed.png", format="GIF")  # a GIF under a .png name is still a GIF
     (small_folder / "stray.png").write_bytes((good / "good_1.png").read_bytes())
     ds = load_dataset(small_folder, size=24, progress=False)
     reasons = _skipped(ds)
@@ -30,6 +33,8 @@ def test_unreadable_files_are_skipped_with_reasons(small_folder: Path) -> None:
     assert reasons["fake.jpg"] == "not a recognised image format"
     assert reasons["empty.png"] == "empty file"
     assert reasons["notes.txt"] == "not an image file type"
+    assert reasons["animated.tiff.gif"] == "not an image file type"
+    assert reasons["renamed.png"].startswith("GIF images are not accepted")
     assert reasons["stray.png"] == "not inside a class folder"
     assert len(ds.labels) == 30  # every good image survives
 

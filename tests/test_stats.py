@@ -64,7 +64,7 @@ def test_verdict_names_its_metric_and_counts_failed_seeds_against_the_model() ->
     models, comp = _report(0.01, -0.02, 0.04)
     models["maxmin"].update(seeds_failed=1, seeds_run=3)
     text = verdict(models, comp, "macro_f1")
-    assert "macro F1 of 81.0%" in text
+    assert "81.0% macro F1 against 80.0%" in text
     assert "MaxMin failed to train on 1 of 3 seed(s)" in text
 
 

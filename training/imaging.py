@@ -17,6 +17,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 # far beyond any camera an inspection line uses for one part.
 MAX_IMAGE_PIXELS = 64_000_000
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+# The formats cameras and inspection systems write. Pillow knows many more; each one opened is
+# decoder code exposed to uploads (EPS would even be handed to Ghostscript), so the rest are
+# refused by name. Add one here only deliberately.
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
 
 
 class ImageError(ValueError):
@@ -25,6 +29,22 @@ class ImageError(ValueError):
 
 class ImageTooLarge(ImageError):
     """The pixel count is over the limit (a decompression bomb or a wrong camera setting)."""
+
+
+class UnsupportedFormat(ImageError):
+    """An image, but in a format outside ALLOWED_FORMATS; the message names it."""
+
+
+def _refuse_format(data: bytes) -> ImageError:
+    """Why bytes no allowed format could open are refused: the format named when Pillow knows it
+    (read from the header only, nothing is decoded), or not an image at all."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            name = other.format
+    except Exception:  # noqa: BLE001 - anything Pillow cannot even identify is not an image
+        return ImageError("not a recognised image format")
+    allowed = ", ".join(ALLOWED_FORMATS)
+    return UnsupportedFormat(f"{name} images are not accepted; use one of {allowed}")
 
 
 def decode_image(
@@ -40,7 +60,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageTooLarge(
@@ -55,7 +75,7 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"image too large (decompression bomb guard): {exc}") from None
     except Image.UnidentifiedImageError:
-        raise ImageError("not a recognised image format") from None
+        raise _refuse_format(data) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
     if width == 0 or height == 0:

@@ -563,8 +563,7 @@ def verdict(models: dict[str, Any], comparison: dict[str, Any], metric: str = "a
     cost = f"{c['params_ratio']:.1f}x the parameters and {c['latency_ratio']:.1f}x the latency"
     sc = models[main]["score"]["mean"]
     head = (
-        f"{label} scored a {name} of {sc * 100:.1f}% against {base_score * 100:.1f}% for the "
-        "plain CNN"
+        f"{label} reached {sc * 100:.1f}% {name} against {base_score * 100:.1f}% for the plain CNN"
     )
     risks = _failures(models, main) + _failures(models, BASELINE)
     ci = (

@@ -31,30 +31,27 @@ class Settings(BaseSettings):
     torch_threads: int = 0  # 0: see Settings.threads
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
     # The A/B models side by side, a thread each, rather than one after the other. auto: on the
-    # CPU. One worker on 2 cores, concurrency 32: 1.12x the requests/s
-    # (bench/results/serve-cpu-parallel.json), 1.25x with PyTorch held to AVX2 kernels
-    # (serve-cpu-parallel-avx2.json). On CUDA the models are queued on the GPU anyway.
+    # CPU, where the second core is otherwise idle while one model runs; on CUDA the models are
+    # queued on the GPU anyway (measured by bench/serve_bench.py --sides).
     parallel_models: Literal["auto", "true", "false"] = "auto"
     # Store predictions from a process of its own (app/core/writer.py: WriterProcess), not from a
     # thread that waits for the busy worker's GIL while holding the SQLite write lock. auto: on
     # CUDA, where cheap models leave the web worker's GIL the limit; a thread on the CPU, where the
-    # extra process cost 0.93x the requests/s on 2 cores (bench/results/serve-cpu-5.json).
+    # extra process costs more than it saves (bench/writer_bench.py).
     writer_process: Literal["auto", "true", "false"] = "auto"
     # How a group commit's new image files are made durable before their rows commit: group, one
-    # sync of the filesystem for all of them (Linux; elsewhere file), or file, one sync each. On 2
-    # cores with a new image per request, group stored 1.17-1.87x the predictions/s with a lower
-    # p99 (bench/results/db-cpu-sync.json); in the service it cut db from 34.2 to 14.5 ms and
-    # served 1.07x the requests/s (bench/results/serve-cpu-sync.json). A filesystem sync also
-    # flushes whatever else was written there: beside a heavy writer, file keeps each sync apart.
+    # sync of the filesystem for all of them (Linux; elsewhere file), or file, one sync each: one
+    # sync per group stores more predictions per second (bench/db_bench.py --ways). A filesystem
+    # sync also flushes whatever else was written there: beside a heavy writer, file keeps each
+    # sync apart.
     image_sync: Literal["group", "file"] = "group"
     model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
     # How often each worker checks which run to serve (the one chosen last) and switches to it
     # without a restart; 0: only at start. With MAXMIN_RUN_DIR: loads that run again if it failed.
     reload_seconds: float = 5.0
     # Several workers: one model process for all of them (app/core/model_host.py), or one each.
-    # auto: shared on a GPU (one CUDA context, merged batches); one each on the CPU, where with 2
-    # workers on 2 cores one shared process served 0.78x the requests of one each
-    # (bench/results/serve-cpu-shared.json).
+    # auto: shared on a GPU (one CUDA context, merged batches); one each on the CPU, where one
+    # shared process served fewer requests than one each (bench/serve_bench.py --sides).
     shared_models: Literal["auto", "true", "false"] = "auto"
     model_host: str | None = None  # set by `maxmin-inspect serve` for its workers: the socket
     model_host_key: str | None = None  # and the key that authenticates them to it

@@ -79,7 +79,7 @@ class Classifier:
                 raise ModelsUnavailable(f"run {self.run_dir} has no usable checkpoint for {name!r}")
             model, meta = load_checkpoint(self.run_dir / entry["checkpoint"], device=self.device)
             if self.device.type == "cpu":
-                # 1.7-2.1x faster on channels-last tensors (bench/layout_bench.py).
+                # Convolutions run faster on channels-last tensors (bench/layout_bench.py).
                 model = model.to(memory_format=torch.channels_last)
             version = f"{Path(entry['checkpoint']).name}:{meta['weights_sha256'][:12]}"
             self.models[name] = LoadedModel(name, model, meta, version)

@@ -42,7 +42,7 @@ from app.crud import (
 )
 from app.schemas import LabelUpdate, PredictionPublic, PredictionsPublic
 from app.tables import Prediction
-from training.imaging import ImageError, ImageTooLarge
+from training.imaging import ImageError, ImageTooLarge, UnsupportedFormat
 
 router = APIRouter(tags=["predictions"])
 
@@ -174,7 +174,13 @@ def _decode_all(
         try:
             decoded.append(classifier.decode(data, max_pixels))
         except ImageError as exc:
-            status = 413 if isinstance(exc, ImageTooLarge) else 422
+            status = (
+                413
+                if isinstance(exc, ImageTooLarge)
+                else 415
+                if isinstance(exc, UnsupportedFormat)
+                else 422
+            )
             raise HTTPException(status, detail=f"file {label}: {exc}") from None
     return decoded
 
