@@ -121,9 +121,24 @@ def test_same_image_classifies_the_same_way(client: TestClient) -> None:
     assert one["maxmin"]["probabilities"] == two["data"][0]["results"]["maxmin"]["probabilities"]
 
 
+def raw_multipart(client: TestClient, filename: bytes, data: bytes):  # noqa: ANN201
+    """A multipart upload written byte by byte, as a client that escapes nothing would send it."""
+    head = b'--b0undary\r\nContent-Disposition: form-data; name="files"; filename="'
+    body = head + filename + b'"\r\nContent-Type: image/png\r\n\r\n' + data
+    body += b"\r\n--b0undary--\r\n"
+    ctype = "multipart/form-data; boundary=b0undary"
+    return client.post("/predict", content=body, headers={"Content-Type": ctype})
+
+
 BAD_UPLOADS = [
     ("not an image", lambda c: predict(c, b"hello, I am text"), 422, "not a recognised image"),
     ("GIF", lambda c: predict(c, image_as("GIF")), 415, "GIF images are not accepted"),
+    (
+        "NUL in file name",
+        lambda c: raw_multipart(c, b"a\x00b.png", png_bytes(1)),
+        422,
+        "contains a control character",
+    ),
     ("WebP", lambda c: predict(c, image_as("WEBP")), 415, "WEBP images are not accepted"),
     ("EPS", lambda c: predict(c, image_as("EPS")), 415, "EPS images are not accepted"),
     ("truncated", lambda c: predict(c, png_bytes(1)[:80]), 422, "corrupt or truncated"),

@@ -55,7 +55,10 @@ def test_models_side_by_side_answer_as_one_after_the_other(run_dir: Path) -> Non
         got = side_by_side.classify(images)
         assert list(got) == names
         for name in names:
-            np.testing.assert_array_equal(got[name][0], want[name][0])
+            # One thread per model instead of two splits some kernels' loops differently (batch
+            # normalization's vectorized body and scalar tail), which may move the last bit.
+            np.testing.assert_allclose(got[name][0], want[name][0], rtol=1e-6, atol=1e-7)
+            assert (got[name][0].argmax(1) == want[name][0].argmax(1)).all()
             assert got[name][1] > 0
     proc = ModelProcess(run_dir, names, "cpu", threads=1, parallel="true")
     try:

@@ -152,6 +152,11 @@ async def _read_uploads(
             raise HTTPException(422, detail="field 'files' must hold files, not text")
         data = await item.read(settings.max_file_bytes + 1)
         name = (item.filename or "")[:255] or None
+        if name is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+            # PostgreSQL refuses NUL in text, and control characters have no place in a file name.
+            raise HTTPException(
+                422, detail=f"file name {name!r} contains a control character; rename the file"
+            )
         if len(data) > settings.max_file_bytes:
             raise HTTPException(
                 413, detail=f"file {name!r} is larger than {settings.max_file_bytes} bytes"
