@@ -22,6 +22,13 @@ from tests.service import CLASSES, make_key
 SMALL = {"models": ["baseline", "maxmin"], "epochs": 2, "seeds": 1, "size": 24}
 
 
+def epochs_in_all(models: int, seeds: int, epochs: int) -> int:
+    """Epochs a run trains: each model's seeds, and its share of the recipe search."""
+    from training.poc import SEARCH_GRID
+
+    return models * (seeds * epochs + len(SEARCH_GRID) * max(3, epochs // 3))
+
+
 @pytest.fixture
 def datasets(tmp_path: Path) -> Path:
     root = tmp_path / "datasets"
@@ -88,7 +95,8 @@ def test_a_job_trains_and_registers_its_report(client: TestClient) -> None:
     assert report["verdict"] == cur["message"]
     assert Path(report["run_dir"]) == Path(cur["run_dir"])
     status = json.loads((Path(cur["run_dir"]) / "status.json").read_text())
-    assert status["state"] == "done" and status["epochs_done"] == status["epochs_total"] == 4
+    assert status["state"] == "done" and status["epochs_done"] == status["epochs_total"]
+    assert status["epochs_total"] == epochs_in_all(2, 1, 2)
     assert client.get("/reports").json()["count"] == 1
     listed = client.get("/training/jobs").json()
     assert [j["id"] for j in listed["data"]] == [job["id"]]
@@ -159,8 +167,8 @@ def test_cancel_stops_the_trainer_and_frees_the_slot(client: TestClient) -> None
         assert time.monotonic() < deadline
         time.sleep(0.2)
     progress = client.get(f"/training/jobs/{job['id']}").json()["progress"]
-    assert progress["stage"] == "training" and progress["epochs_total"] == 2 * 500
-    assert 1 <= progress["epochs_done"] < 1000 and "seed 0" in progress["detail"]
+    assert progress["stage"] == "training" and progress["epochs_total"] == epochs_in_all(2, 1, 500)
+    assert 1 <= progress["epochs_done"] < 1000 and "baseline search" in progress["detail"]
     r = client.post(f"/training/jobs/{job['id']}/cancel")
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "cancelled" and r.json()["message"] == "cancelled by test-admin"

@@ -207,7 +207,7 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
                 if r.diverged is None and why is not None:
                     r.diverged = why  # still failed after the retries: excluded, and counted
             results[arch] = runs
-    progress(state="reporting", epochs_done=total, eta_seconds=None)
+    progress(state="reporting", epochs_done=done, epochs_total=done, eta_seconds=None)
     meta_common = {
         "model_kwargs": kwargs,
         "classes": ds.classes,
