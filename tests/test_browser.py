@@ -171,7 +171,9 @@ def test_the_engineer_trains_from_the_page_and_opens_the_report(
             expect(job.locator(".state")).to_have_text("done", timeout=180_000)
             # Registered, not yet served: the engineer chooses to serve it, without a restart.
             job.locator("button.serve").click()
-            expect(page.locator("#status")).to_contain_text("Serving the models of report")
+            expect(page.locator("#status")).to_contain_text(
+                "Serving the models of report", timeout=30_000
+            )  # loading both models takes a while on a busy machine
             job.locator("a", has_text="report").click()
             expect(page.locator("body")).to_contain_text("maxmin")
             page.goto(f"{server}/dashboard")
