@@ -59,24 +59,26 @@ def device() -> torch.device:
     return torch.device(name)
 
 
+def _real_data(path: Path, name: str) -> Path:
+    """A real dataset beside the checkout: skipped when absent, a failure where CI requires it
+    (MAXMIN_REQUIRE_<NAME>=1)."""
+    if not path.is_dir():
+        if os.environ.get(f"MAXMIN_REQUIRE_{name}") == "1":
+            pytest.fail(f"{name} data not found at {path} (MAXMIN_REQUIRE_{name}=1)")
+        pytest.skip(f"{name} data not found at {path}; set MAXMIN_{name}_DIR to run this test")
+    return path
+
+
 @pytest.fixture(scope="session")
 def neu_dir() -> Path:
-    """The NEU surface-defect images; CI sets MAXMIN_REQUIRE_NEU=1 so that a missing copy fails."""
-    if not NEU_DIR.is_dir():
-        if os.environ.get("MAXMIN_REQUIRE_NEU") == "1":
-            pytest.fail(f"NEU data not found at {NEU_DIR} (MAXMIN_REQUIRE_NEU=1)")
-        pytest.skip(f"NEU data not found at {NEU_DIR}; set MAXMIN_NEU_DIR to run this test")
-    return NEU_DIR
+    """The NEU surface-defect images (balanced classes)."""
+    return _real_data(NEU_DIR, "NEU")
 
 
 @pytest.fixture(scope="session")
 def elpv_dir() -> Path:
-    """The ELPV solar-cell images (skewed classes); CI sets MAXMIN_REQUIRE_ELPV=1."""
-    if not ELPV_DIR.is_dir():
-        if os.environ.get("MAXMIN_REQUIRE_ELPV") == "1":
-            pytest.fail(f"ELPV data not found at {ELPV_DIR} (MAXMIN_REQUIRE_ELPV=1)")
-        pytest.skip(f"ELPV data not found at {ELPV_DIR}; set MAXMIN_ELPV_DIR to run this test")
-    return ELPV_DIR
+    """The ELPV solar-cell images (skewed classes)."""
+    return _real_data(ELPV_DIR, "ELPV")
 
 
 @pytest.fixture(autouse=True, scope="session")
