@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def device() -> torch.device:
     """The device the model tests run on: MAXMIN_TEST_DEVICE, else CUDA when present."""
     name = os.environ.get("MAXMIN_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def copy_subset(src: Path, dst: Path, step: int, limit: int | None = None) -> list[str]:
+    """Every ``step``-th JPEG of each class folder of ``src`` (a spread over the class, not its
+    first images; at most ``limit`` each) copied to ``dst``; returns the class names."""
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
+    for cls in classes:
+        (dst / cls).mkdir(parents=True)
+        for f in sorted((src / cls).glob("*.jpg"))[::step][:limit]:
+            shutil.copy(f, dst / cls / f.name)
+    return classes
 
 
 def _real_data(path: Path, name: str) -> Path:

@@ -4,12 +4,12 @@ classes and subtle differences, where a recipe that suits one model can leave an
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import copy_subset
 from training.cli import main
 from training.engine import macro_f1
 
@@ -19,11 +19,7 @@ FRACTION = 4  # every fourth image of each class: the source's skew, in a quarte
 @pytest.mark.slow
 def test_every_model_beats_the_majority_rule_on_elpv(elpv_dir: Path, tmp_path: Path) -> None:
     subset = tmp_path / "elpv"
-    classes = sorted(p.name for p in elpv_dir.iterdir() if p.is_dir())
-    for cls in classes:
-        (subset / cls).mkdir(parents=True)
-        for f in sorted((elpv_dir / cls).glob("*.jpg"))[::FRACTION]:
-            shutil.copy(f, subset / cls / f.name)
+    classes = copy_subset(elpv_dir, subset, FRACTION)
     out = tmp_path / "run"
     argv = ["train", str(subset), "--out", str(out), "--size", "40", "--epochs", "12"]
     argv += ["--seeds", "1", "--latency-seconds", "0.1", "--quiet", "--no-register"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import copy_subset
 from training.cli import main
 
 PER_CLASS = 50
@@ -16,13 +16,7 @@ PER_CLASS = 50
 @pytest.mark.slow
 def test_train_on_neu_subset(neu_dir: Path, tmp_path: Path) -> None:
     subset = tmp_path / "neu"
-    classes = sorted(p.name for p in neu_dir.iterdir() if p.is_dir())
-    for cls in classes:
-        (subset / cls).mkdir(parents=True)
-        # Every k-th file: a spread over the class rather than its first images.
-        files = sorted((neu_dir / cls).glob("*.jpg"))
-        for f in files[:: max(1, len(files) // PER_CLASS)][:PER_CLASS]:
-            shutil.copy(f, subset / cls / f.name)
+    classes = copy_subset(neu_dir, subset, 300 // PER_CLASS, PER_CLASS)
     out = tmp_path / "run"
     argv = [
         "train",
