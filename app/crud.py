@@ -408,7 +408,7 @@ def compute_stats(
         common = sorted(set(correct_by_model[a]) & set(correct_by_model[b]))
         ca = np.array([correct_by_model[a][p] for p in common], dtype=bool)
         cb = np.array([correct_by_model[b][p] for p in common], dtype=bool)
-        from training.stats import mcnemar
+        from inspectlib.stats import mcnemar
 
         test = mcnemar(cb, ca)  # "model" = b (the challenger), "baseline" = a
         n = len(common)

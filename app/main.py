@@ -35,7 +35,7 @@ from app.api.routes import (
 from app.core.batcher import MicroBatcher
 from app.core.config import Settings, get_settings
 from app.core.db import check_schema, make_engine, session_factory, write_lock
-from app.core.inference import Classifier, ModelsUnavailable
+from app.core.inference import Classifier, ModelsUnavailable, ServedRun
 from app.core.limits import BodyLimitMiddleware
 from app.core.model_host import HostRun, ModelHostClient, ModelHostUnreachable
 from app.core.model_process import ModelProcess, ModelProcessFailed
@@ -44,7 +44,7 @@ from app.core.security import KeyCache, session_secret
 from app.core.storage import ImageStore
 from app.core.writer import GroupWriter, WriterProcess
 from app.crud import keep_serving, serving_run
-from training.checkpoint import CheckpointError
+from inspectlib.checkpoint import CheckpointError
 
 log = logging.getLogger("maxmin_inspect")
 HERE = Path(__file__).resolve().parent
@@ -70,8 +70,9 @@ def find_run_dir(settings: Settings, sessions) -> Path | None:  # noqa: ANN001
 LOAD_ERRORS = (ModelsUnavailable, ModelProcessFailed, CheckpointError, ValueError, OSError)
 
 
-def build_models(app: FastAPI, run_dir: Path) -> tuple[Classifier, object]:
-    """The classifier (decoding, classes, versions) and the runner of the models for ``run_dir``.
+def build_models(app: FastAPI, run_dir: Path) -> tuple[ServedRun, object]:
+    """What the web process holds of ``run_dir``'s models (decoding, classes, versions) and the
+    runner of the models.
 
     Raises one of LOAD_ERRORS, naming the problem."""
     settings: Settings = app.state.settings
@@ -84,13 +85,14 @@ def build_models(app: FastAPI, run_dir: Path) -> tuple[Classifier, object]:
                 settings.model_timeout_seconds,
             )
         runner = HostRun(app.state.host, run_dir)
-        return Classifier(run_dir, settings.ab_models, "cpu"), runner
-    # With a model process, this copy only decodes and names things: it stays on the CPU.
-    device = "cpu" if settings.model_process else settings.device
-    parallel = settings.parallel_models if not settings.model_process else "false"
-    classifier = Classifier(run_dir, settings.ab_models, device, parallel)
+        return ServedRun(run_dir, settings.ab_models), runner
     if not settings.model_process:
+        classifier = Classifier(
+            run_dir, settings.ab_models, settings.device, settings.parallel_models
+        )
         return classifier, classifier
+    # The models run in their own process; this one only decodes and names things.
+    served = ServedRun(run_dir, settings.ab_models)
     runner = ModelProcess(
         run_dir,
         settings.ab_models,
@@ -100,10 +102,10 @@ def build_models(app: FastAPI, run_dir: Path) -> tuple[Classifier, object]:
         on_restart=app.state.metrics.model_restarts.labels("worker").inc,
         parallel=settings.parallel_models,
     )
-    return classifier, runner
+    return served, runner
 
 
-def install_models(app: FastAPI, classifier: Classifier, runner: object) -> tuple:
+def install_models(app: FastAPI, classifier: ServedRun, runner: object) -> tuple:
     """Serve ``classifier`` through ``runner`` from now on; returns what served before.
 
     A request takes the classifier once and sends its images to that classifier's own batcher, so
@@ -246,7 +248,7 @@ def _writer_in_process(settings: Settings) -> bool:
     """``MAXMIN_WRITER_PROCESS``: true, false, or auto (a process when the models run on CUDA)."""
     if settings.writer_process != "auto":
         return settings.writer_process == "true"
-    from training.engine import resolve_device
+    from inspectlib.device import resolve_device
 
     try:
         return resolve_device(settings.device).type == "cuda"

@@ -6,6 +6,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from inspectlib import defaults
+
 
 class ModelAnswer(BaseModel):
     label: str
@@ -168,12 +170,15 @@ class TrainingRequest(BaseModel):
     )
 
     dataset: str = Field(min_length=1, max_length=100, description="a folder name, no path")
-    models: list[str] = Field(
-        default=["baseline", "maxmin", "maxmin_half"], min_length=1, max_length=10
+    models: list[str] = Field(default=list(defaults.MODELS), min_length=1, max_length=10)
+    epochs: int = Field(default=defaults.EPOCHS, ge=1, le=defaults.EPOCHS_MAX)
+    seeds: int = Field(default=defaults.SEEDS, ge=1, le=defaults.SEEDS_MAX)
+    size: int = Field(
+        default=defaults.SIZE,
+        ge=defaults.SIZE_MIN,
+        le=defaults.SIZE_MAX,
+        description="input side in pixels",
     )
-    epochs: int = Field(default=30, ge=1, le=500)
-    seeds: int = Field(default=3, ge=1, le=10)
-    size: int = Field(default=64, ge=16, le=512, description="input side in pixels")
 
 
 class TrainingProgress(BaseModel):

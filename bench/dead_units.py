@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from inspectlib.preprocess import normalize
 from models import create_model
 from training.data import load_dataset
-from training.engine import TrainConfig, fit, normalize
+from training.engine import TrainConfig, fit
 
 
 def dead_fraction(model: torch.nn.Module, x: torch.Tensor) -> float:

@@ -139,7 +139,7 @@ def run_one(data_dir: Path, args: argparse.Namespace) -> dict:
     if not (args.reuse and (run_dir / "report.json").is_file()):
         cmd = [
             sys.executable, "-m", "training.cli", "train", str(data_dir), "--out", str(run_dir),
-            "--seeds", str(args.seeds), "--no-register", "--quiet", *args.trainer_args,
+            "--seeds", str(args.seeds), "--quiet", *args.trainer_args,
         ]  # fmt: skip
         subprocess.run(cmd, check=True)
     trainer_seconds = time.perf_counter() - t0

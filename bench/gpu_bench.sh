@@ -44,13 +44,13 @@ T=$(within 90) && MAXMIN_TEST_DEVICE=$DEVICE timeout "$T" python3 -m pytest -q -
 log "full NEU PoC on CUDA (CUDA-graph steps; decoding included, no cache)"
 t0=$(date +%s%N)
 T=$(within 120) && timeout "$T" python3 -m training.cli train "$NEU" --device $DEVICE \
-    --out /tmp/neu-gpu --no-cache --no-register --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
+    --out /tmp/neu-gpu --no-cache --quiet 2>&1 | tail -6 | tee -a "$OUT/log.txt"
 echo "process wall: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$OUT/log.txt"
 cp /tmp/neu-gpu/report.json "$OUT/neu-gpu-report.json" || {
     # the serving steps need a run: train one with eager steps if the captured ones failed
     log "no report from the CUDA-graph run: eager steps instead"
     T=$(within 100) && timeout "$T" python3 -m training.cli train "$NEU" --device $DEVICE \
-        --out /tmp/neu-gpu --no-cache --no-cuda-graphs --no-register --quiet 2>&1 | tail -6 \
+        --out /tmp/neu-gpu --no-cache --no-cuda-graphs --quiet 2>&1 | tail -6 \
         | tee -a "$OUT/log.txt"
 }
 
@@ -88,7 +88,7 @@ T=$(within 60) && timeout "$T" python3 bench/fused_bench.py --device $DEVICE > "
 
 log "full NEU PoC on CUDA, eager steps (--no-cuda-graphs), for comparison"
 T=$(within 100) && timeout "$T" python3 -m training.cli train "$NEU" --device $DEVICE \
-    --out /tmp/neu-gpu-eager --no-cache --no-cuda-graphs --no-register --quiet 2>&1 | tail -6 \
+    --out /tmp/neu-gpu-eager --no-cache --no-cuda-graphs --quiet 2>&1 | tail -6 \
     | tee -a "$OUT/log.txt"
 cp /tmp/neu-gpu-eager/report.json "$OUT/neu-gpu-eager-report.json" 2>/dev/null
 log "summary against the GPU targets"

@@ -18,8 +18,8 @@ import uvicorn
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from training.checkpoint import load_checkpoint
-from training.imaging import to_array
+from inspectlib.checkpoint import load_checkpoint, preprocess_of
+from inspectlib.imaging import to_array
 
 
 def build(run_dir: Path, device: str = "cpu") -> FastAPI:
@@ -28,8 +28,8 @@ def build(run_dir: Path, device: str = "cpu") -> FastAPI:
     for name in ("baseline", "maxmin"):
         model, meta = load_checkpoint(run_dir / report["models"][name]["checkpoint"], device)
         models[name] = model
-    mean = torch.tensor(meta["normalization"]["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["normalization"]["std"], device=device).view(1, -1, 1, 1)
+    pre = preprocess_of(meta)
+    mean, std = pre.tensors(device)
     app = FastAPI()
 
     @app.post("/predict")
@@ -37,7 +37,7 @@ def build(run_dir: Path, device: str = "cpu") -> FastAPI:
         out = []
         for f in files:
             img = Image.open(io.BytesIO(await f.read()))
-            arr = to_array(img, meta["image_size"], meta["channels"])
+            arr = to_array(img, pre.size, pre.channels)
             x = (torch.from_numpy(arr[None]).to(device).float() / 255 - mean) / std
             with torch.no_grad():
                 answers = {}

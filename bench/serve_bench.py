@@ -145,7 +145,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             svc_env["MAXMIN_PARALLEL_MODELS"] = "false"
         # A line key, as a line system would send: the access check is part of the cost.
         made = subprocess.run(
-            [sys.executable, "-m", "training.cli", "keys", "create", "--role", "line"]
+            [sys.executable, "-m", "maxmin_inspect", "keys", "create", "--role", "line"]
             + ["--name", "bench"],
             env=svc_env,
             cwd=ROOT,
@@ -154,7 +154,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             check=True,
         )
         load_env = {**env, "MAXMIN_API_KEY": made.stdout.strip().splitlines()[-1]}
-        serve = [sys.executable, "-m", "training.cli", "serve", "--port", str(port)]
+        serve = [sys.executable, "-m", "maxmin_inspect", "serve", "--port", str(port)]
         serve += ["--workers", str(args.workers)]
         name = {
             "service": "ours",

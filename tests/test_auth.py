@@ -15,8 +15,8 @@ from app.core.db import upgrade
 from app.crud import register_run
 from app.main import create_app
 from app.tables import ApiKey, LabelEvent, Prediction, StoredImage
+from maxmin_inspect.main import main
 from tests.service import make_key, png_bytes, train_small_run
-from training.cli import main
 
 ROLES = ["line", "inspector", "manager", "admin"]
 
@@ -184,7 +184,7 @@ def test_keys_are_stored_hashed_and_revocable(
 def test_first_start_creates_and_prints_an_admin_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from training.cli import _first_admin_key
+    from app.cli import _first_admin_key
 
     url = f"sqlite:///{tmp_path / 'first.db'}"
     upgrade(url)

@@ -79,7 +79,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
     }
     # The real start-up path: `maxmin-inspect serve` (migrates, then runs uvicorn).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "maxmin_inspect", "serve", "--port", str(port)],
         env=env,
         cwd=Path(__file__).resolve().parents[1],
     )

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from inspectlib.datasets import DataError
 from tests.conftest import write_folder
-from training.data import DataError, load_dataset
+from training.data import load_dataset
 
 
 def _skipped(ds) -> dict[str, str]:  # noqa: ANN001

@@ -35,8 +35,8 @@ def test_dockerfile_runs_as_non_root_with_the_tested_start_up() -> None:
     assert "USER maxmin" in text and "HEALTHCHECK" in text and "/healthz" in text
     # The browser test starts the service the same way: `maxmin-inspect serve`, which migrates.
     assert "maxmin-inspect serve --host 0.0.0.0" in text
-    assert "training.cli" in (ROOT / "tests" / "test_browser.py").read_text()
-    for path in ("models", "training", "app", "migrations", "pyproject.toml"):
+    assert '"maxmin_inspect", "serve"' in (ROOT / "tests" / "test_browser.py").read_text()
+    for path in ("models", "inspectlib", "training", "app", "maxmin_inspect", "migrations"):
         assert f"COPY {path}" in text
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from maxmin_inspect.main import main
 from tests.conftest import copy_subset
-from training.cli import main
 
 PER_CLASS = 50
 

@@ -100,7 +100,7 @@ def _serve(
         [
             sys.executable,
             "-m",
-            "training.cli",
+            "maxmin_inspect",
             "serve",
             "--port",
             str(port),

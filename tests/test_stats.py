@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from inspectlib.stats import mcnemar, paired_bootstrap, paired_difference_ci, rate_interval
 from training.poc import choose_metric, failed_against_siblings, verdict
-from training.stats import mcnemar, paired_bootstrap, paired_difference_ci, rate_interval
 
 
 def test_paired_interval_matches_t_distribution() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from inspectlib.checkpoint import CheckpointError, load_checkpoint, preprocess_of
+from maxmin_inspect.main import main
 from tests.conftest import write_folder
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.cli import main
 from training.data import load_dataset
 from training.engine import TrainConfig, bf16_native, fit, precision
 
@@ -115,10 +115,13 @@ def test_checkpoint_rebuilds_and_predicts_like_training(run_dir: Path) -> None:
     r = json.loads((run_dir / "report.json").read_text())
     ckpt = run_dir / r["models"]["maxmin"]["checkpoint"]
     model, meta = load_checkpoint(ckpt)
-    assert meta["classes"] == r["dataset"]["classes"] and meta["image_size"] == 24
+    pre = preprocess_of(meta)
+    assert meta["classes"] == r["dataset"]["classes"] and pre.size == 24
+    assert list(pre.mean) == r["dataset"]["normalization"]["mean"]
     assert meta["data_fingerprint"] == r["dataset"]["fingerprint"]
-    assert {"arch", "model_kwargs", "normalization", "metrics", "created_at"} <= set(meta)
-    out = model(torch.zeros(1, meta["channels"], 24, 24))
+    assert {"arch", "model_kwargs", "preprocess", "metrics", "created_at"} <= set(meta)
+    assert "image_size" not in meta and "normalization" not in meta  # stated once, in preprocess
+    out = model(torch.zeros(1, pre.channels, 24, 24))
     assert out.shape == (1, 3)
 
 
@@ -289,8 +292,9 @@ def _plain_loop(arch, kwargs, splits, mean, std, seed, cfg, device):  # noqa: AN
     """The textbook loop the engine must match: PyTorch's SGD-Nesterov or AdamW and one-cycle
     scheduler stepped per batch, augmentation drawn per batch. Returns each epoch's mean loss and
     weights."""
+    from inspectlib.preprocess import normalize
     from models import create_model
-    from training.engine import augment, class_weights, normalize
+    from training.engine import augment, class_weights
 
     torch.manual_seed(seed)
     model = create_model(arch, **kwargs).to(device)

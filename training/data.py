@@ -7,7 +7,6 @@ message that names the class.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -20,23 +19,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.imaging import IMAGE_SUFFIXES, ImageError, decode_image, is_grey, to_array
+from inspectlib.datasets import DataError, Entry, scan_source
+from inspectlib.imaging import ImageError, is_grey
+from inspectlib.preprocess import PREPROCESS_VERSION, Preprocess, decode, model_array
 
-CACHE_VERSION = "2"  # bump whenever decoding or preprocessing changes
+CACHE_VERSION = "2"  # bump whenever the cache file changes; PREPROCESS_VERSION covers pixels
 SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """The data cannot be used for a fair comparison; the message names the file or class."""
-
-
-@dataclass
-class Entry:
-    """One labelled file found in the data source."""
-
-    path: Path
-    label: str
-    split: str | None = None  # "train"/"test" when the data came pre-split
 
 
 @dataclass
@@ -74,9 +62,14 @@ class Dataset:
             if device.type == "cpu":
                 images = images.contiguous(memory_format=torch.channels_last)
             splits[name] = (images, self.labels[idx].to(device))
-        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        mean, std = self.preprocess.tensors(device)
         return splits, mean, std
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How these images were made from the files, and their statistics: what a checkpoint
+        trained on them records, and what the service applies to uploads."""
+        return Preprocess(self.size, self.channels, tuple(self.mean), tuple(self.std))
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class."""
@@ -88,91 +81,10 @@ class Dataset:
         return out
 
 
-def _is_hidden(path: Path) -> bool:
-    return any(part.startswith(".") for part in path.parts)
-
-
-def _scan_class_dirs(root: Path, split: str | None, skipped: list[dict[str, str]]) -> list[Entry]:
-    entries: list[Entry] = []
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for loose in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        skipped.append({"path": str(loose), "reason": "not inside a class folder"})
-    for class_dir in class_dirs:
-        files = [p for p in sorted(class_dir.rglob("*")) if p.is_file()]
-        found = False
-        for path in files:
-            if _is_hidden(path.relative_to(root)):
-                continue
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append({"path": str(path), "reason": "not an image file type"})
-                continue
-            entries.append(Entry(path, class_dir.name, split))
-            found = True
-        if not found:
-            where = f"{split}/{class_dir.name}" if split else class_dir.name
-            raise DataError(f"class folder '{where}' in {root} holds no image files")
-    return entries
-
-
-def scan_source(source: Path) -> tuple[list[Entry], list[dict[str, str]]]:
-    """Find the labelled files in a class-folder tree (optionally train/ and test/) or a CSV."""
-    skipped: list[dict[str, str]] = []
-    if not source.exists():
-        raise DataError(f"data path {source} does not exist")
-    if source.is_file():
-        if source.suffix.lower() != ".csv":
-            raise DataError(f"{source} is neither a folder of class folders nor a CSV manifest")
-        return _scan_manifest(source, skipped), skipped
-    train, test = source / "train", source / "test"
-    if train.is_dir() and test.is_dir():
-        entries = _scan_class_dirs(train, "train", skipped) + _scan_class_dirs(
-            test, "test", skipped
-        )
-        train_classes = {e.label for e in entries if e.split == "train"}
-        test_classes = {e.label for e in entries if e.split == "test"}
-        for name in sorted(train_classes ^ test_classes):
-            side = "test" if name in train_classes else "train"
-            raise DataError(f"class '{name}' has no folder under {source / side}")
-    else:
-        entries = _scan_class_dirs(source, None, skipped)
-    if not entries:
-        raise DataError(f"no image files found in {source} (expected <class>/<image> folders)")
-    return entries, skipped
-
-
-def _scan_manifest(path: Path, skipped: list[dict[str, str]]) -> list[Entry]:
-    entries: list[Entry] = []
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-                raise DataError(f"CSV manifest {path} must have a header with 'path' and 'label'")
-            for line, row in enumerate(reader, start=2):
-                raw, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-                if not raw or not label:
-                    skipped.append({"path": f"{path}:{line}", "reason": "empty path or label"})
-                    continue
-                file = Path(raw) if Path(raw).is_absolute() else path.parent / raw
-                if not file.is_file():
-                    skipped.append({"path": str(file), "reason": "file not found"})
-                    continue
-                split = (row.get("split") or "").strip() or None
-                if split not in (None, "train", "test"):
-                    raise DataError(
-                        f"{path}:{line}: split must be 'train' or 'test', not {split!r}"
-                    )
-                entries.append(Entry(file, label, split))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"CSV manifest {path} is not UTF-8 text: {exc}") from None
-    if not entries:
-        raise DataError(f"CSV manifest {path} lists no existing image files")
-    if any(e.split for e in entries) and not all(e.split for e in entries):
-        raise DataError(f"CSV manifest {path}: give a split for every row or for none")
-    return entries
-
-
 def _settings_key(entries: list[Entry], size: int, channels: str) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|size={size}|channels={channels}".encode())
+    h = hashlib.sha256(
+        f"v{CACHE_VERSION}|p{PREPROCESS_VERSION}|size={size}|channels={channels}".encode()
+    )
     for e in sorted(entries, key=lambda e: (str(e.path), e.label)):
         st = e.path.stat()
         h.update(f"{e.path}|{e.label}|{e.split}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -187,7 +99,7 @@ def _read(entry: Entry, size: int) -> tuple[str, object, tuple[int, int] | None,
         return "", f"cannot read file: {exc.strerror or exc}", None, None
     digest = hashlib.sha256(data).hexdigest()
     try:
-        img = decode_image(data, draft_size=size)
+        img = decode(data, size)
     except ImageError as exc:
         return digest, str(exc), None, None
     return digest, img, img.info.get("original_size", img.size), is_grey(img)
@@ -295,7 +207,7 @@ def _decode_all(entries, skipped, size, channels, workers, progress, tqdm):  # n
         n_channels = int(channels)
     arrays = np.zeros((len(ok), n_channels, size, size), dtype=np.uint8)
     with ThreadPoolExecutor(workers) as pool:
-        for i, arr in enumerate(pool.map(lambda r: to_array(r[1][1], size, n_channels), ok)):
+        for i, arr in enumerate(pool.map(lambda r: model_array(r[1][1], size, n_channels), ok)):
             arrays[i] = arr
     sizes = Counter(f"{r[2][0]}x{r[2][1]}" for _, r in ok)
     meta = {

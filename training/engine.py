@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inspectlib import defaults
+from inspectlib.preprocess import normalize
 from models import create_model
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -33,8 +35,8 @@ METRICS = ("accuracy", "macro_f1")
 class TrainConfig:
     """Budget and optimizer shared by every model and seed of a run."""
 
-    epochs: int = 30  # enough for a small CNN on a few thousand images; raise for larger sets
-    batch_size: int = 32  # small datasets need enough optimizer steps per epoch
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
     # SGD with Nesterov momentum: its steps scale with the gradient. Adam's first steps move every
     # weight by about the learning rate whatever its gradient, which on a wide layer fed only
     # non-negative inputs (MaxMin's doubled maps) shifts whole units past zero (docs/training.md).
@@ -88,22 +90,6 @@ class RunResult:
     diverged: str | None = None  # why the run is excluded from the averages, when it is
     extra: dict = field(default_factory=dict)
     val_metric: list[float] = field(default_factory=list)  # cfg.select_metric, per epoch
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, the CPU otherwise; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def normalize(batch_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> float, scaled to [0, 1] and standardised with the training statistics."""
-    return (batch_u8.float().div_(255.0) - mean) / std
 
 
 class PeakMemory:

@@ -18,13 +18,15 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
+from inspectlib import defaults
+from inspectlib.checkpoint import save_checkpoint
+from inspectlib.device import resolve_device
+from inspectlib.stats import mcnemar, mean_std, paired_bootstrap, rate_interval
 from models import create_model, list_models
-from training.checkpoint import save_checkpoint
 from training.data import Dataset, load_dataset
-from training.engine import RunResult, TrainConfig, fit, precision, resolve_device
+from training.engine import RunResult, TrainConfig, fit, precision
 from training.measure import count_flops, count_params, measure_latency
 from training.report import write_html
-from training.stats import mcnemar, mean_std, paired_bootstrap, rate_interval
 
 REPORT_VERSION = 2
 BASELINE = "baseline"
@@ -68,13 +70,13 @@ class PocConfig:
 
     data: str
     out: str
-    models: list[str] = field(default_factory=lambda: ["baseline", "maxmin", "maxmin_half"])
-    size: int = 64
+    models: list[str] = field(default_factory=lambda: list(defaults.MODELS))
+    size: int = defaults.SIZE
     channels: str = "auto"
-    seeds: int = 3
+    seeds: int = defaults.SEEDS
     split_seed: int = 0
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    val_fraction: float = defaults.VAL_FRACTION
+    test_fraction: float = defaults.TEST_FRACTION
     device: str = "auto"
     cache_dir: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -83,7 +85,7 @@ class PocConfig:
     search: bool = True  # the same short recipe search for every model (SEARCH_GRID)
     metric: str = "auto"  # accuracy, macro_f1, or auto: macro F1 when the classes are skewed
     good_class: str | None = None  # names the defect-free class: escape and false-reject rates
-    max_retries: int = 2  # how often a failed seed is trained again, each time with a fresh seed
+    max_retries: int = defaults.RETRIES
     # Batch normalization after every convolution and the hidden layer, in every model: without
     # it, the hidden layer's units die on faint, skewed data (docs/training.md).
     norm: str = "batch"
@@ -211,11 +213,8 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
     meta_common = {
         "model_kwargs": kwargs,
         "classes": ds.classes,
-        "image_size": ds.size,
-        "channels": ds.channels,
-        "normalization": {"mean": ds.mean, "std": ds.std},
+        "preprocess": ds.preprocess.to_dict(),
         "data_fingerprint": ds.fingerprint,
-        "resize": "bilinear, whole image squashed to a square",
     }
     models_report: dict[str, Any] = {}
     for arch, runs in results.items():

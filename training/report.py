@@ -5,65 +5,18 @@ It is rendered from report.json alone, so ``maxmin-inspect report RUN_DIR`` can 
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from jinja2 import Environment, PackageLoader, select_autoescape
 
-matplotlib.use("Agg")  # no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
-
-COLORS = {"baseline": "#4c72b0", "maxmin": "#dd8452", "maxmin_half": "#55a868"}
-
-
-def _svg(fig: plt.Figure) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    text = buf.getvalue()
-    return text[text.index("<svg") :]
-
-
-def accuracy_cost_chart(report: dict[str, Any]) -> str:
-    """The report's metric on the test set (mean, with the spread over seeds) against parameters
-    and latency."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    metric = (report.get("metric") or {}).get("name", "accuracy")
-    label = {"macro_f1": "macro F1"}.get(metric, metric)
-    for name, m in report["models"].items():
-        acc = m[metric]
-        if acc["mean"] is None:
-            continue
-        err = (acc["std"] or 0) * 100
-        for ax, x in zip(axes, (m["params"], m["latency_p50_ms"]), strict=True):
-            ax.errorbar(
-                x,
-                acc["mean"] * 100,
-                yerr=err,
-                fmt="o",
-                capsize=4,
-                ms=8,
-                color=COLORS.get(name),
-                label=name,
-            )
-            ax.annotate(name, (x, acc["mean"] * 100), textcoords="offset points", xytext=(6, 6))
-    axes[0].set_xlabel("parameters")
-    axes[1].set_xlabel(
-        f"latency p50, batch 1 (ms, {next(iter(report['models'].values()))['latency_device']})"
-    )
-    for ax in axes:
-        ax.set_ylabel(f"test {label} (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{label.capitalize()} versus cost (mean ± std over seeds)")
-    return _svg(fig)
+from inspectlib.charts import COLORS, accuracy_cost_chart, pyplot, svg
 
 
 def curves_chart(report: dict[str, Any]) -> str:
     """Training loss and validation accuracy per epoch, every seed drawn thin, the mean thick."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.4))
     for name, m in report["models"].items():
         color = COLORS.get(name)
         for key, ax in (("train_loss", axes[0]), ("val_score", axes[1])):
@@ -82,13 +35,13 @@ def curves_chart(report: dict[str, Any]) -> str:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[1].legend()
-    return _svg(fig)
+    return svg(fig)
 
 
 def confusion_chart(name: str, matrix: list[list[int]], classes: list[str]) -> str:
     """A confusion matrix as a heat map with counts (rows: true class, columns: predicted)."""
     size = max(3.0, 0.55 * len(classes) + 1.5)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = pyplot().subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -107,7 +60,7 @@ def confusion_chart(name: str, matrix: list[list[int]], classes: list[str]) -> s
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(name)
-    return _svg(fig)
+    return svg(fig)
 
 
 def render_html(report: dict[str, Any]) -> str:

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.checkpoint import load_checkpoint
-from training.engine import normalize, resolve_device
-from training.imaging import decode_image, to_array
+from inspectlib.checkpoint import load_checkpoint, preprocess_of, read_meta
+from inspectlib.device import resolve_device
+from inspectlib.preprocess import Preprocess, normalize
 
 
 class ModelsUnavailable(RuntimeError):
@@ -22,11 +22,10 @@ class ModelsUnavailable(RuntimeError):
 
 
 @dataclass
-class LoadedModel:
+class ModelInfo:
     name: str
-    model: nn.Module
-    meta: dict
-    version: str
+    meta: dict  # the checkpoint's metadata
+    version: str  # checkpoint file and weights hash, stored with every prediction
 
 
 @dataclass
@@ -51,19 +50,12 @@ FORMAT_TYPES = {
 }
 
 
-class Classifier:
-    """The A/B models of one run, sharing that run's preprocessing.
+class ServedRun:
+    """What the web process needs of a run's A/B models: their classes, versions and the one
+    preprocessing they share, read from the checkpoints' metadata. No weights are loaded: when the
+    models run in a process of their own, this is all the web process holds of them."""
 
-    ``parallel`` (auto, true, false): on the CPU, run the models side by side, one thread each,
-    rather than one after the other; auto and true mean the same here (the service passes
-    ``MAXMIN_PARALLEL_MODELS``). On 2 cores the model process runs one intra-op thread, to leave
-    the other core to the web process, which does not use all of it; two models side by side use
-    what it leaves: 1.12x the requests/s, 1.25x with AVX2 kernels only (``bench/serve_bench.py``,
-    side ``service-serial-models``)."""
-
-    def __init__(
-        self, run_dir: Path, names: list[str], device: str = "auto", parallel: str = "false"
-    ) -> None:
+    def __init__(self, run_dir: Path, names: list[str]) -> None:
         self.run_dir = Path(run_dir)
         report_file = self.run_dir / "report.json"
         if not report_file.is_file():
@@ -71,31 +63,60 @@ class Classifier:
                 f"{report_file} not found: train first (`maxmin-inspect train`)"
             )
         report = json.loads(report_file.read_text())
-        self.device = resolve_device(device)
-        self.models: dict[str, LoadedModel] = {}
+        self.models: dict[str, ModelInfo] = {}
+        self._checkpoints: dict[str, Path] = {}
         for name in names:
             entry = report["models"].get(name)
             if entry is None or not entry.get("checkpoint"):
                 raise ModelsUnavailable(f"run {self.run_dir} has no usable checkpoint for {name!r}")
-            model, meta = load_checkpoint(self.run_dir / entry["checkpoint"], device=self.device)
-            if self.device.type == "cpu":
-                # Convolutions run faster on channels-last tensors (bench/layout_bench.py).
-                model = model.to(memory_format=torch.channels_last)
+            path = self.run_dir / entry["checkpoint"]
+            meta = read_meta(path)
             version = f"{Path(entry['checkpoint']).name}:{meta['weights_sha256'][:12]}"
-            self.models[name] = LoadedModel(name, model, meta, version)
+            self.models[name] = ModelInfo(name, meta, version)
+            self._checkpoints[name] = path
         first = next(iter(self.models.values())).meta
         for m in self.models.values():
-            for key in ("classes", "image_size", "channels", "normalization"):
+            for key in ("classes", "preprocess"):
                 if m.meta[key] != first[key]:
                     raise ModelsUnavailable(f"models {names} disagree on {key}; serve one run")
         self.classes: list[str] = first["classes"]
-        self.size: int = first["image_size"]
-        self.channels: int = first["channels"]
-        self.mean = torch.tensor(first["normalization"]["mean"], device=self.device).view(
-            1, -1, 1, 1
-        )
-        self.std = torch.tensor(first["normalization"]["std"], device=self.device).view(1, -1, 1, 1)
+        self.preprocess: Preprocess = preprocess_of(first)
         self.run_name = self.run_dir.name
+        self.batcher = None  # the micro-batcher feeding these models, set by the service
+
+    def decode(self, data: bytes, max_pixels: int) -> Decoded:
+        """Decode and preprocess one upload; raises ImageError naming what is wrong."""
+        t0 = time.perf_counter()
+        img = self.preprocess.image(data, max_pixels)
+        t1 = time.perf_counter()
+        width, height = img.info.get("original_size", img.size)
+        ctype = FORMAT_TYPES.get(img.format or "", "application/octet-stream")
+        array = self.preprocess.array(img)
+        return Decoded(array, width, height, ctype, t1 - t0, time.perf_counter() - t1)
+
+
+class Classifier(ServedRun):
+    """The A/B models of one run with their weights, sharing that run's preprocessing.
+
+    ``parallel`` (auto, true, false): on the CPU, run the models side by side, one thread each,
+    rather than one after the other; auto and true mean the same here (the service passes
+    ``MAXMIN_PARALLEL_MODELS``). On few cores the model process runs one intra-op thread, to leave
+    the others to the web process; two models side by side use what it leaves
+    (``bench/serve_bench.py``, side ``service-serial-models``, compares)."""
+
+    def __init__(
+        self, run_dir: Path, names: list[str], device: str = "auto", parallel: str = "false"
+    ) -> None:
+        super().__init__(run_dir, names)
+        self.device = resolve_device(device)
+        self.nets: dict[str, nn.Module] = {}
+        for name in self.models:
+            model, _ = load_checkpoint(self._checkpoints[name], device=self.device)
+            if self.device.type == "cpu":
+                # Convolutions run faster on channels-last tensors (bench/layout_bench.py).
+                model = model.to(memory_format=torch.channels_last)
+            self.nets[name] = model
+        self.mean, self.std = self.preprocess.tensors(self.device)
         self.parallel = (
             len(self.models) > 1 and self.device.type == "cpu" and parallel in ("true", "auto")
         )
@@ -104,23 +125,13 @@ class Classifier:
             if self.parallel
             else None
         )
-        self.batcher = None  # the micro-batcher feeding these models, set by the service
-        self.classify(np.zeros((2, self.channels, self.size, self.size), dtype=np.uint8))  # warm up
+        p = self.preprocess
+        self.classify(np.zeros((2, p.channels, p.size, p.size), dtype=np.uint8))  # warm up
 
     def set_threads(self, threads: int) -> None:
         """The process's torch threads for these models: shared between them when they run side
         by side."""
         torch.set_num_threads(max(1, threads // len(self.models)) if self.parallel else threads)
-
-    def decode(self, data: bytes, max_pixels: int) -> Decoded:
-        """Decode and preprocess one upload; raises ImageError naming what is wrong."""
-        t0 = time.perf_counter()
-        img = decode_image(data, max_pixels=max_pixels, draft_size=self.size)
-        t1 = time.perf_counter()
-        width, height = img.info.get("original_size", img.size)
-        ctype = FORMAT_TYPES.get(img.format or "", "application/octet-stream")
-        array = to_array(img, self.size, self.channels)
-        return Decoded(array, width, height, ctype, t1 - t0, time.perf_counter() - t1)
 
     @torch.inference_mode()
     def classify(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
@@ -134,15 +145,15 @@ class Classifier:
             x = x.contiguous(memory_format=torch.channels_last)
         n = max(len(arrays), 1)
 
-        def run(m: LoadedModel) -> tuple[np.ndarray, float]:
+        def run(model: nn.Module) -> tuple[np.ndarray, float]:
             with torch.inference_mode():  # per thread
                 t0 = time.perf_counter()
-                probs = torch.softmax(m.model(x).float(), dim=1).cpu().numpy()
+                probs = torch.softmax(model(x).float(), dim=1).cpu().numpy()
                 return probs, (time.perf_counter() - t0) * 1000 / n
 
-        models = list(self.models.values())
-        answers = self._pool.map(run, models) if self._pool is not None else map(run, models)
-        return {m.name: answer for m, answer in zip(models, answers, strict=True)}
+        nets = list(self.nets.values())
+        answers = self._pool.map(run, nets) if self._pool is not None else map(run, nets)
+        return dict(zip(self.nets, answers, strict=True))
 
     def _classify_cuda(self, x: torch.Tensor) -> dict[str, tuple[np.ndarray, float]]:
         """Every model queued on the GPU, one copy back, one wait that sleeps.
@@ -152,11 +163,11 @@ class Classifier:
         the GPU works, taken from the web workers that parse and store requests. Events created
         with ``blocking=True`` wait by yielding the CPU instead; their timings give each model's
         GPU time."""
-        stamps = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.models) + 1)]
+        stamps = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.nets) + 1)]
         stamps[0].record()
         probs = []
-        for k, m in enumerate(self.models.values()):
-            probs.append(torch.softmax(m.model(x).float(), dim=1))
+        for k, model in enumerate(self.nets.values()):
+            probs.append(torch.softmax(model(x).float(), dim=1))
             stamps[k + 1].record()
         stacked = torch.stack(probs)
         host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
@@ -167,5 +178,5 @@ class Classifier:
         n = max(len(x), 1)
         return {
             name: (host[k].numpy(), stamps[k].elapsed_time(stamps[k + 1]) / n)
-            for k, name in enumerate(self.models)
+            for k, name in enumerate(self.nets)
         }

@@ -33,8 +33,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.crud import NotFound, register_run
 from app.tables import Run, TrainingJob
-from training.data import DataError, scan_source
-from training.progress import read_status
+from inspectlib.datasets import DataError, scan_source
+from inspectlib.progress import read_status
 
 log = logging.getLogger("maxmin_inspect")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
@@ -193,7 +193,6 @@ def _launch(folder: Path, run_dir: Path, device: str, options: TrainingOptions) 
         device,
         "--status-file",
         str(run_dir / STATUS_FILE),
-        "--no-register",  # the service registers it, in the database it serves from
         "--quiet",
         "--nice",
         "10",

@@ -20,8 +20,8 @@ from app.crud import (
     served_versions,
 )
 from app.schemas import TrainingRequest
+from inspectlib.charts import accuracy_cost_chart
 from models import list_models
-from training.report import accuracy_cost_chart
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).resolve().parents[2] / "templates")

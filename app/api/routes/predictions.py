@@ -42,7 +42,7 @@ from app.crud import (
 )
 from app.schemas import LabelUpdate, PredictionPublic, PredictionsPublic
 from app.tables import Prediction
-from training.imaging import ImageError, ImageTooLarge, UnsupportedFormat
+from inspectlib.imaging import ImageError, ImageTooLarge, UnsupportedFormat
 
 router = APIRouter(tags=["predictions"])
 

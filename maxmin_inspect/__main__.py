@@ -1,0 +1,5 @@
+import sys
+
+from maxmin_inspect.main import main
+
+sys.exit(main())
