@@ -15,10 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The demo profile: 48 px and otherwise the defaults (30 epochs, 3 seeds); 1–4 minutes on a
-# 2-core CPU (12 epochs left one MaxMin seed in three stalled near 45 %). Trains only when
-# no demo run exists yet, then migrates the database and starts the service, whose training page
-# (/training) lists the demo data as a dataset.
+# The demo profile: 48 px and otherwise the trainer's defaults, so the demo shows what a real run
+# does. Trains only when no demo run exists yet, then migrates the database and starts the
+# service, whose training page (/training) lists the demo data as a dataset.
 run: install
 	@set -e; if [ ! -f $(DEMO_RUN)/report.json ]; then \
 		[ -d $(DEMO_DATA) ] || $(CLI) demo-data $(DEMO_DATA); \

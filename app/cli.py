@@ -47,6 +47,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     k_sub.add_parser("list", help="list keys (never the keys themselves)")
     kr = k_sub.add_parser("revoke", help="revoke a key by id or prefix")
     kr.add_argument("key", help="the id or the prefix shown by 'keys list'")
+    ke = k_sub.add_parser(
+        "end-sessions",
+        help="log a key out of every browser (the key itself keeps working)",
+    )
+    ke.add_argument("key", help="the id or the prefix shown by 'keys list'")
 
     i = sub.add_parser(
         "import-run",
@@ -72,7 +77,7 @@ def register_after_train(args: argparse.Namespace, run_dir: Path) -> None:
 
     from app.core.config import Settings
     from app.core.db import command_session
-    from app.crud import register_run
+    from app.crud.runs import register_run
 
     try:
         with command_session(Settings().db_url) as session:
@@ -171,7 +176,7 @@ def _model_host(settings, workers: int):  # noqa: ANN001, ANN202
     from app.core.model_host import ModelHost
     from app.core.model_process import ModelProcessFailed
     from app.core.observability import model_restarts_counter
-    from app.main import find_run_dir
+    from app.core.serving import find_run_dir
 
     engine = make_engine(settings.db_url)
     try:
@@ -207,7 +212,7 @@ def _keys(args: argparse.Namespace) -> int:
 
     from app.core.config import Settings
     from app.core.db import command_session
-    from app.core.security import create_key, revoke_key
+    from app.core.security import create_key, end_all_sessions, revoke_key
     from app.tables import ApiKey
 
     with command_session(Settings().db_url) as session:
@@ -219,12 +224,18 @@ def _keys(args: argparse.Namespace) -> int:
             for row in session.execute(select(ApiKey).order_by(ApiKey.id)).scalars():
                 state = "revoked" if row.revoked_at else "active"
                 print(f"{row.id:>4}  {row.prefix}…  {row.role:<9}  {state:<7}  {row.name}")
+        elif args.keys_command == "end-sessions":
+            try:
+                row, n = end_all_sessions(session, args.key)
+            except LookupError as exc:
+                raise ValueError(str(exc)) from None
+            print(f"Ended {n} browser session(s) of key {row.id} ({row.name}).")
         else:
             try:
                 row = revoke_key(session, args.key)
             except LookupError as exc:
                 raise ValueError(str(exc)) from None
-            print(f"Revoked key {row.id} ({row.name}).")
+            print(f"Revoked key {row.id} ({row.name}); its browser sessions ended with it.")
     return 0
 
 
@@ -249,7 +260,8 @@ def _first_admin_key(settings) -> None:  # noqa: ANN001
 def _import_run(args: argparse.Namespace) -> int:
     from app.core.config import Settings
     from app.core.db import command_session
-    from app.crud import NotFound, choose_to_serve, register_run
+    from app.crud.errors import NotFound
+    from app.crud.runs import choose_to_serve, register_run
 
     try:
         with command_session(Settings().db_url) as session:

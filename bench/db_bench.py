@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.core.db import make_engine, session_factory, upgrade, write_lock  # noqa: E402
 from app.core.storage import ImageStore  # noqa: E402
 from app.core.writer import GroupWriter  # noqa: E402
-from app.crud import NewImage, NewOutput, PredictionBatch  # noqa: E402
+from app.crud.writes import NewImage, NewOutput, PredictionBatch  # noqa: E402
 
 CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
 

@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from db_bench import _batch  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 
-from app import crud  # noqa: E402
 from app.core.db import make_engine, session_factory, upgrade  # noqa: E402
 from app.core.storage import ImageStore  # noqa: E402
+from app.crud import writes as crud  # noqa: E402
+from app.crud.predictions import get_prediction  # noqa: E402
 from app.tables import utcnow  # noqa: E402
 
 
@@ -101,7 +102,7 @@ def _same_rows(session, a: int, b: int) -> None:  # noqa: ANN001
     """Predictions ``a`` and ``b`` (one per way, same input) read back the same."""
 
     def view(pid: int) -> dict:
-        p = crud.get_prediction(session, pid)
+        p = get_prediction(session, pid)
         return {
             "image": p.image_sha256,
             "source": p.source,

@@ -121,7 +121,7 @@ class _TimedLock:
 def one_group(spin: bool, groups: int = 20, size: int = 8) -> dict:
     """A writer thread storing groups of ``size`` predictions, alone or beside one thread that
     spins in pure Python: median time per group and time the write lock was held."""
-    from app.crud import store_batches
+    from app.crud.writes import store_batches
 
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/maxmin.db"

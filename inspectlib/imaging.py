@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -16,6 +18,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 # Refuse images whose pixel count could exhaust memory (decompression bombs); 64 megapixels is
 # far beyond any camera an inspection line uses for one part.
 MAX_IMAGE_PIXELS = 64_000_000
+# Refuse shapes no part image has: the resize to a square would first stretch a 1-pixel-wide strip
+# to the model's width at its full length, an intermediate thousands of times the file's size.
+MAX_ASPECT_RATIO = 32
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 # The formats cameras and inspection systems write. Pillow knows many more; each one opened is
 # decoder code exposed to uploads (EPS would even be handed to Ghostscript), so the rest are
@@ -48,12 +53,18 @@ def _refuse_format(data: bytes) -> ImageError:
 
 
 def decode_image(
-    data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: int | None = None
+    data: bytes,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    draft_size: int | None = None,
+    before_load: Callable[[int, int], AbstractContextManager] | None = None,
 ) -> Image.Image:
     """Decode and fully load an image from bytes, or raise ImageError naming the problem.
 
-    With ``draft_size``, a JPEG is decoded at the smallest power-of-two reduction that is still at
+    The header is checked before any pixel is decoded: the pixel limit and the aspect ratio. With
+    ``draft_size``, a JPEG is decoded at the smallest power-of-two reduction that is still at
     least that size: several times faster on large camera images, and identical in the service.
+    ``before_load(width, height)``, when given, is a context manager held while the pixels are
+    decoded (the service's decode-memory budget).
     """
     if not data:
         raise ImageError("empty file")
@@ -66,9 +77,15 @@ def decode_image(
                 raise ImageTooLarge(
                     f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
                 )
+            if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+                raise ImageError(
+                    f"image is {width}x{height} pixels: sides more than {MAX_ASPECT_RATIO} times "
+                    "apart are not a part image"
+                )
             if draft_size is not None and img.format == "JPEG":
                 img.draft(img.mode, (draft_size, draft_size))
-            img.load()
+            with before_load(*img.size) if before_load is not None else nullcontext():
+                img.load()
             img.info["original_size"] = (width, height)
     except ImageError:
         raise
@@ -100,27 +117,45 @@ def is_grey(img: Image.Image) -> bool:
     )
 
 
+def _on_white(img: Image.Image, mode: str) -> Image.Image:
+    """An RGBA image composited over white, in ``mode``: a block of rows at a time, so a large
+    image never has three full-size RGBA copies at once."""
+    out = Image.new(mode, img.size)
+    rows = max(1, (1 << 20) // img.width)
+    white = Image.new("RGBA", (img.width, rows), (255, 255, 255, 255))
+    for top in range(0, img.height, rows):
+        strip = img.crop((0, top, img.width, min(top + rows, img.height)))
+        backdrop = white if strip.height == rows else white.crop((0, 0, img.width, strip.height))
+        out.paste(Image.alpha_composite(backdrop, strip).convert(mode), (0, top))
+    return out
+
+
 def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
     """Orientation-corrected, squashed to ``size`` x ``size``, as uint8 CHW with 1 or 3 channels.
 
     The whole image is resized (not cropped) so that a defect near the border is never cut away.
     """
     try:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # no copy of a large image
     except Exception:  # noqa: BLE001 - broken EXIF must not lose an otherwise good image
         pass
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # Scale high bit-depth images to 8 bits by their own range rather than clipping.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(scaled.astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        backdrop = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(backdrop, img)
     target = "L" if channels == 1 else "RGB"
-    img = img.convert(target)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # Scale high bit-depth images to 8 bits by their own range rather than clipping, a block
+        # of rows at a time: float64 copies of a whole large image would cost gigabytes.
+        arr = np.asarray(img)
+        lo, hi = float(arr.min()), float(arr.max())
+        out = np.zeros(arr.shape, dtype=np.uint8)
+        if hi > lo:
+            rows = max(1, (1 << 20) // max(1, arr.shape[1]))
+            for r in range(0, arr.shape[0], rows):
+                block = arr[r : r + rows].astype(np.float64)
+                out[r : r + rows] = ((block - lo) / (hi - lo) * 255.0).astype(np.uint8)
+        img = Image.fromarray(out, mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = _on_white(img if img.mode == "RGBA" else img.convert("RGBA"), target)
+    if img.mode != target:
+        img = img.convert(target)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)

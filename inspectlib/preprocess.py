@@ -10,6 +10,8 @@ rather than fed inputs they were not trained on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -89,9 +91,14 @@ class Preprocess:
             }
         )
 
-    def image(self, data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    def image(
+        self,
+        data: bytes,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        before_load: Callable[[int, int], AbstractContextManager] | None = None,
+    ) -> Image.Image:
         """Decode an upload or a file's bytes (raises ImageError naming the problem)."""
-        return decode(data, self.size, max_pixels)
+        return decode(data, self.size, max_pixels, before_load)
 
     def array(self, img: Image.Image) -> np.ndarray:
         """A decoded image as the models' uint8 C x S x S array."""
@@ -104,10 +111,15 @@ class Preprocess:
         return mean, std
 
 
-def decode(data: bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def decode(
+    data: bytes,
+    size: int,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    before_load: Callable[[int, int], AbstractContextManager] | None = None,
+) -> Image.Image:
     """Step one, for a model of input ``size``: the file's pixels (a JPEG decoded at the smallest
     reduction still at least ``size``). The trainer calls it before it knows the statistics."""
-    return decode_image(data, max_pixels=max_pixels, draft_size=size)
+    return decode_image(data, max_pixels=max_pixels, draft_size=size, before_load=before_load)
 
 
 def model_array(img: Image.Image, size: int, channels: int) -> np.ndarray:

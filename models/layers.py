@@ -30,9 +30,9 @@ class MaxMinPool(nn.Module):
     pool(concat(relu(S), relu(-S))) = concat(relu(maxpool(S)), relu(-minpool(S))). The fused form
     pools the C maps of S twice instead of materializing 2C maps at full resolution.
 
-    ``fused=None`` picks per device: fused on the CPU, where it measured 1.11-1.17x faster
-    (bench/fused_bench.py), naive on CUDA, where these small tensors are bound by kernel launches
-    and the fused form's extra launches made it 0.87-1.02x as fast.
+    ``fused=None`` picks per device: fused on the CPU, where it moves less memory, naive on CUDA,
+    where these small tensors are bound by kernel launches and the fused form launches more
+    (``bench/fused_bench.py`` compares both on each device).
     """
 
     def __init__(self, kernel_size: int = 3, stride: int = 2, fused: bool | None = None) -> None:

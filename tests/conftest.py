@@ -1,50 +1,24 @@
-"""Shared fixtures: small generated image folders, the NEU data path, the test device."""
+"""Shared fixtures: small generated image folders, one trained run, the real datasets, the
+databases, the test device. Helpers that are not fixtures live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from fastapi.testclient import TestClient
 
-from training.demo import make_image
+from tests.helpers import make_key, postgres_database, train_small_run, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
 NEU_DIR = Path(
     os.environ.get("MAXMIN_NEU_DIR", REPO.parent / "shared" / "datasets" / "neu_surface")
 )
 ELPV_DIR = Path(os.environ.get("MAXMIN_ELPV_DIR", REPO.parent / "shared" / "datasets" / "elpv"))
-
-
-def write_folder(
-    root: Path,
-    per_class: dict[str, int],
-    size: int = 32,
-    seed: int = 0,
-    fmt: str = "png",
-    easy: bool = False,
-) -> Path:
-    """Write ``per_class[name]`` generated surface images into ``root/<name>/``.
-
-    ``easy`` makes classes differ in brightness, learnable in a handful of steps.
-    """
-    rng = np.random.default_rng(seed)
-    kinds = ["good", "scratch", "dent", "spots"]
-    for k, (name, n) in enumerate(per_class.items()):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            if easy:
-                pixels = rng.normal(40 + 70 * k, 15, (size, size)).clip(0, 255).astype(np.uint8)
-                img = Image.fromarray(pixels, mode="L")
-            else:
-                img = make_image(kinds[k % len(kinds)], rng, size)
-            img.save(root / name / f"{name}_{i}.{fmt}")
-    return root
 
 
 @pytest.fixture
@@ -58,17 +32,6 @@ def device() -> torch.device:
     """The device the model tests run on: MAXMIN_TEST_DEVICE, else CUDA when present."""
     name = os.environ.get("MAXMIN_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def copy_subset(src: Path, dst: Path, step: int, limit: int | None = None) -> list[str]:
-    """Every ``step``-th JPEG of each class folder of ``src`` (a spread over the class, not its
-    first images; at most ``limit`` each) copied to ``dst``; returns the class names."""
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
-    for cls in classes:
-        (dst / cls).mkdir(parents=True)
-        for f in sorted((src / cls).glob("*.jpg"))[::step][:limit]:
-            shutil.copy(f, dst / cls / f.name)
-    return classes
 
 
 def _real_data(path: Path, name: str) -> Path:
@@ -94,19 +57,52 @@ def elpv_dir() -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _service_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Commands that register runs write to a throwaway database, never the checkout's var/."""
-    os.environ["MAXMIN_DATA_DIR"] = str(tmp_path_factory.mktemp("service-data"))
-    os.environ.pop("DATABASE_URL", None)
+def _service_data_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Commands that register runs write to a throwaway database, never the checkout's var/; the
+    environment is restored when the session ends."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MAXMIN_DATA_DIR", str(tmp_path_factory.mktemp("service-data")))
+        mp.delenv("DATABASE_URL", raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real (tiny) training run with baseline and MaxMin, trained once per session and shared
+    by the service tests, which only read it."""
+    return train_small_run(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The test runs twice: on a fresh SQLite file and on a fresh PostgreSQL database."""
-    from tests.service import postgres_database  # it imports this module
-
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"
     else:
         with postgres_database() as url:
             yield url
+
+
+@pytest.fixture
+def service_client(tmp_path: Path) -> Callable[..., AbstractContextManager[TestClient]]:
+    """A factory for the service in-process: ``with service_client(run_dir, db_url=...,
+    role="admin", **settings) as client`` migrates the database (a fresh SQLite file unless
+    ``db_url`` is given), starts the app on the CPU with ``settings`` and sends an API key of
+    ``role`` with every request."""
+
+    from app.core.config import Settings
+    from app.core.db import upgrade
+    from app.main import create_app
+
+    @contextmanager
+    def start(
+        run_dir: Path | None, db_url: str | None = None, role: str = "admin", **settings: object
+    ) -> Iterator[TestClient]:
+        url = db_url or f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"
+        upgrade(url)
+        options = {"data_dir": tmp_path / "var", "run_dir": run_dir, "device": "cpu"} | settings
+        app = create_app(Settings(database_url=url, **options))
+        with TestClient(app, headers={"X-API-Key": make_key(url, role)}) as client:
+            yield client
+
+    return start

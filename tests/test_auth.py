@@ -12,19 +12,19 @@ from sqlalchemy import func, select
 
 from app.core.config import Settings
 from app.core.db import upgrade
-from app.crud import register_run
+from app.crud.runs import register_run
 from app.main import create_app
 from app.tables import ApiKey, LabelEvent, Prediction, StoredImage
 from maxmin_inspect.main import main
-from tests.service import make_key, png_bytes, train_small_run
+from tests.helpers import make_key, png_bytes
 
 ROLES = ["line", "inspector", "manager", "admin"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def env(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("auth")
-    run_dir = train_small_run(root)
+    run_dir = trained_run
     url = f"sqlite:///{root / 'var' / 'maxmin.db'}"
     upgrade(url)
     keys = {role: make_key(url, role) for role in ROLES}
@@ -141,6 +141,46 @@ def test_cookie_sessions_need_the_csrf_token(env: dict) -> None:
         r = browser.post("/logout", data={"csrf": token}, follow_redirects=False)
         assert r.status_code == 303
         assert browser.get("/", follow_redirects=False).status_code == 303
+
+
+def _cookie_of(browser: TestClient) -> str:
+    return browser.cookies.get("maxmin_session")
+
+
+def test_logout_ends_the_session_for_every_copy_of_the_cookie(env: dict) -> None:
+    settings = env["client"].app.state.settings
+    with TestClient(create_app(settings)) as browser, TestClient(create_app(settings)) as thief:
+        assert _login(browser, env["keys"]["inspector"]).status_code == 303
+        thief.cookies.set("maxmin_session", _cookie_of(browser))  # saved before the logout
+        assert thief.get("/predictions").status_code == 200
+        token = re.search(r'name="csrf-token" content="([^"]+)"', browser.get("/").text).group(1)
+        assert browser.post("/logout", data={"csrf": token}).status_code == 200  # to /login
+        r = thief.get("/predictions")
+        assert r.status_code == 401, r.text
+        label = f"/predictions/{env['pid']}/label"
+        r = thief.put(label, json={"label": "dent"}, headers={"X-CSRF-Token": token})
+        assert r.status_code == 401
+        assert thief.get("/", follow_redirects=False).status_code == 303  # to the login page
+
+
+def test_an_admin_ends_every_session_of_a_key(
+    env: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = env["client"].app.state.settings
+    monkeypatch.setenv("DATABASE_URL", env["url"])
+    assert main(["keys", "create", "--role", "manager", "--name", "tablet-2"]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as two:
+        for browser in (one, two):
+            assert _login(browser, key).status_code == 303
+            assert browser.get("/stats").status_code == 200
+        assert main(["keys", "end-sessions", key[:12]]) == 0
+        assert "Ended 2 browser session(s)" in capsys.readouterr().out
+        assert one.get("/stats").status_code == 401 and two.get("/stats").status_code == 401
+        assert env["client"].get("/stats", headers={"X-API-Key": key}).status_code == 200
+        assert _login(one, key).status_code == 303  # the key itself still logs in
+        assert one.get("/stats").status_code == 200
+    assert main(["keys", "end-sessions", "nokey"]) == 2
 
 
 def test_login_rejects_bad_keys_and_foreign_redirects(env: dict) -> None:

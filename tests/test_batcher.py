@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from app.core.batcher import MicroBatcher, Overloaded
 from app.core.inference import Classifier
-from tests.service import png_bytes, train_small_run
+from tests.helpers import png_bytes
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
-    run_dir = train_small_run(tmp_path_factory.mktemp("batch"))
+def classifier(trained_run: Path) -> Classifier:
+    run_dir = trained_run
     return Classifier(run_dir, ["baseline", "maxmin"], "cpu")
 
 

@@ -19,9 +19,8 @@ import httpx
 import pytest
 
 from app.core.db import make_engine, session_factory, upgrade
-from app.crud import register_run
-from tests.conftest import write_folder
-from tests.service import CLASSES, make_key, png_bytes, train_small_run
+from app.crud.runs import register_run
+from tests.helpers import CLASSES, make_key, png_bytes, write_folder
 
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -55,9 +54,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, trained_run: Path
+) -> Iterator[tuple[str, str, str]]:
     root = tmp_path_factory.mktemp("browser")
-    run_dir = train_small_run(root)
+    run_dir = trained_run
     url = f"sqlite:///{root / 'var' / 'maxmin.db'}"
     upgrade(url)
     engine = make_engine(url)

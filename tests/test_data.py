@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from inspectlib.datasets import DataError
-from tests.conftest import write_folder
+from tests.helpers import write_folder
 from training.data import load_dataset
 
 

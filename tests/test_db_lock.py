@@ -16,7 +16,7 @@ from sqlalchemy import text
 from app.core.db import SqliteWriteLock, make_engine, session_factory, upgrade, write_lock
 from app.core.storage import ImageStore
 from app.core.writer import GroupWriter
-from app.crud import NewImage, NewOutput, PredictionBatch
+from app.crud.writes import NewImage, NewOutput, PredictionBatch
 
 CLASSES = ["good", "scratch"]
 

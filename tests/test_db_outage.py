@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from app.core.config import Settings
 from app.core.db import upgrade
 from app.main import create_app
-from tests.service import make_key, png_bytes, postgres_database, train_small_run
+from tests.helpers import make_key, png_bytes, postgres_database
 
 
 class Relay:
@@ -83,8 +83,8 @@ class Relay:
 
 
 @pytest.mark.slow
-def test_postgres_outage_gives_503_then_recovers(tmp_path: Path) -> None:
-    run_dir = train_small_run(tmp_path / "train")
+def test_postgres_outage_gives_503_then_recovers(tmp_path: Path, trained_run: Path) -> None:
+    run_dir = trained_run
     with postgres_database() as url:
         upgrade(url)
         real = make_url(url)

@@ -17,7 +17,7 @@ from app.core.config import Settings
 from app.core.db import upgrade
 from app.main import create_app
 from app.tables import Prediction, StoredImage
-from tests.service import jpeg_bytes, make_key, train_small_run
+from tests.helpers import jpeg_bytes, make_key
 
 
 @pytest.fixture
@@ -35,8 +35,10 @@ def small_disk(tmp_path: Path):  # noqa: ANN201
         subprocess.run(["umount", str(mount)], check=False)
 
 
-def test_full_disk_gives_503_then_recovers(small_disk: Path, tmp_path: Path) -> None:
-    run_dir = train_small_run(tmp_path / "train")
+def test_full_disk_gives_503_then_recovers(
+    small_disk: Path, tmp_path: Path, trained_run: Path
+) -> None:
+    run_dir = trained_run
     url = (
         f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"  # the database is elsewhere; only images fill
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from maxmin_inspect.main import main
-from tests.conftest import copy_subset
+from tests.helpers import copy_subset
 from training.engine import macro_f1
 
 FRACTION = 4  # every fourth image of each class: the source's skew, in a quarter of the time

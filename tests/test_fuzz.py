@@ -15,14 +15,13 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from tests.service import train_small_run  # noqa: E402
-from tests.test_reliability import server  # noqa: E402
+from tests.helpers import server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def api_schema(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> Iterator[object]:
     root = tmp_path_factory.mktemp("fuzz")
-    run_dir = train_small_run(root)
+    run_dir = trained_run
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

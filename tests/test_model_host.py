@@ -15,14 +15,14 @@ import pytest
 from app.core.inference import Classifier
 from app.core.model_host import ModelHost, ModelHostClient
 from app.core.model_process import ModelProcessFailed
-from tests.service import png_bytes, train_small_run
+from tests.helpers import png_bytes
 
 NAMES = ["baseline", "maxmin"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_small_run(tmp_path_factory.mktemp("host"))
+def run_dir(trained_run: Path) -> Path:
+    return trained_run
 
 
 @pytest.fixture(scope="module")
@@ -157,33 +157,19 @@ def test_a_host_on_cuda_answers_as_the_models_in_process(run_dir: Path, device) 
 
 
 def test_a_worker_that_starts_while_the_shared_process_is_down_serves_once_it_is_back(
-    host: ModelHost, run_dir: Path, tmp_path: Path
+    host: ModelHost,
+    run_dir: Path,
+    service_client,  # noqa: ANN001
 ) -> None:
     """A worker whose models could not load because the shared model process was being restarted
     says so in /readyz and loads them within moments of its return (not only at the next reload
     check, a minute here), also with the run pinned."""
-    from fastapi.testclient import TestClient
-
-    from app.core.config import Settings
-    from app.core.db import upgrade
-    from app.main import create_app
-    from tests.service import make_key
-
-    url = f"sqlite:///{tmp_path / 'maxmin.db'}"
-    upgrade(url)
-    settings = Settings(
-        data_dir=tmp_path / "var",
-        database_url=url,
-        run_dir=run_dir,
-        device="cpu",
-        reload_seconds=60,
-        model_host=host.address,
-        model_host_key=host.authkey.hex(),
-    )
     host._stopping.set()  # no automatic restart: the test brings it back itself
-    os.kill(host.pid, signal.SIGKILL)
-    host._proc.join(10)
-    with TestClient(create_app(settings), headers={"X-API-Key": make_key(url)}) as client:
+    victim = host._child.proc
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(10)
+    shared = {"model_host": host.address, "model_host_key": host.authkey.hex()}
+    with service_client(run_dir, reload_seconds=60, **shared) as client:
         r = client.get("/readyz")
         assert r.status_code == 503
         assert "shared model process is not answering" in r.json()["detail"], r.text
@@ -191,7 +177,7 @@ def test_a_worker_that_starts_while_the_shared_process_is_down_serves_once_it_is
         predict = client.post("/predict", files=[("files", ("a.png", png_bytes(1), "image/png"))])
         assert predict.status_code == 503 and predict.headers["Retry-After"] == "1"
         host._stopping.clear()
-        host._start()  # as the serve command's watchdog does
+        host._child.start()  # as the serve command's watchdog does
         deadline = time.monotonic() + 10
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, client.get("/readyz").text

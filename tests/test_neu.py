@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from maxmin_inspect.main import main
-from tests.conftest import copy_subset
+from tests.helpers import copy_subset
 
 PER_CLASS = 50
 

@@ -9,12 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,14 +20,12 @@ from sqlalchemy import create_engine, func, select
 
 from app.core.storage import ImageStore
 from app.tables import LabelEvent, ModelOutput, Prediction, StoredImage
-from tests.service import (
+from tests.helpers import (
     CLASSES,
     encoded,
-    make_key,
     malformed_corpus,
     png_bytes,
-    postgres_database,
-    train_small_run,
+    server,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,94 +33,14 @@ CLIENTS = 16
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_small_run(tmp_path_factory.mktemp("rel"))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
+def run_dir(trained_run: Path) -> Path:
+    return trained_run
 
 
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def server(
-    db_url: str,
-    run_dir: Path | None,
-    data_dir: Path,
-    port: int,
-    workers: int = 1,
-    env: dict[str, str] | None = None,
-) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A running `maxmin-inspect serve`; yields an admin key for it. With ``run_dir`` None it
-    serves the registered runs (and follows a change of them)."""
-    from app.core.db import upgrade
-
-    upgrade(db_url)
-    key = make_key(db_url)
-    with _serve(db_url, run_dir, data_dir, port, workers, env) as proc:
-        yield key, proc
-
-
-@contextmanager
-def _serve(
-    db_url: str,
-    run_dir: Path | None,
-    data_dir: Path,
-    port: int,
-    workers: int = 1,
-    extra_env: dict[str, str] | None = None,
-) -> Iterator[subprocess.Popen]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": db_url,
-        "MAXMIN_DATA_DIR": str(data_dir),
-        "MAXMIN_DEVICE": "cpu",
-        **({"MAXMIN_RUN_DIR": str(run_dir)} if run_dir is not None else {}),
-        **(extra_env or {}),
-    }
-    if run_dir is None:
-        env.pop("MAXMIN_RUN_DIR", None)  # not even from the environment the tests run in
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "maxmin_inspect",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60 * workers
-    try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=20)
 
 
 def _load(
@@ -359,7 +273,7 @@ def test_readiness_follows_the_shared_model_process(
         deadline = time.monotonic() + 60
         seen = []
         while True:
-            r = httpx.get(f"{base}/readyz", timeout=10)
+            r = httpx.get(f"{base}/readyz", headers={"X-API-Key": key}, timeout=10)
             seen.append(r.status_code)
             if r.status_code == 503:
                 assert "model process" in r.json()["detail"]

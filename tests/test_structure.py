@@ -33,11 +33,11 @@ def test_an_import_from_the_service_into_the_trainer_is_caught(tmp_path: Path) -
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path)
     with (tmp_path / "training" / "demo.py").open("a") as fh:
-        fh.write("\nfrom app.crud import register_run  # noqa: E402, F401\n")
+        fh.write("\nfrom app.crud.runs import register_run  # noqa: E402, F401\n")
     result = _lint(tmp_path)
     assert result.returncode != 0
     assert "training is not allowed to import app" in result.stdout
-    assert "training.demo -> app.crud" in result.stdout
+    assert "training.demo -> app.crud.runs" in result.stdout
 
 
 def test_the_command_line_the_api_and_the_trainer_share_their_defaults() -> None:

@@ -20,10 +20,9 @@ from app.core.db import upgrade
 from app.core.inference import Classifier
 from app.core.model_host import ModelHost, ModelHostClient
 from app.core.model_process import ModelProcessFailed
-from app.crud import choose_to_serve, register_run
+from app.crud.runs import choose_to_serve, register_run
 from app.main import create_app
-from tests.service import make_key, png_bytes, train_small_run
-from tests.test_reliability import server
+from tests.helpers import make_key, png_bytes, server, train_small_run
 
 B_CLASSES = ["crack", "ok"]
 
@@ -217,7 +216,8 @@ def test_every_worker_switches_with_a_shared_model_process(
     env = {"MAXMIN_SHARED_MODELS": "true", "MAXMIN_RELOAD_SECONDS": "0.3"}
     with server(db_url, None, tmp_path / "var", port, workers=2, env=env) as (key, _):
         base = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{base}/readyz", timeout=10).json()["run"] == str(runs["a"])
+        ready = httpx.get(f"{base}/readyz", headers={"X-API-Key": key}, timeout=10).json()
+        assert ready["run"] == str(runs["a"])
         with command_session(db_url) as session:
             choose_to_serve(session, register_run(session, runs["b"]))
         deadline, in_a_row = time.monotonic() + 60, 0

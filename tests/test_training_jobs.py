@@ -16,8 +16,7 @@ from app.core.config import Settings
 from app.core.db import upgrade
 from app.main import create_app
 from app.tables import Run, TrainingJob
-from tests.conftest import write_folder
-from tests.service import CLASSES, make_key
+from tests.helpers import CLASSES, make_key, write_folder
 
 SMALL = {"models": ["baseline", "maxmin"], "epochs": 2, "seeds": 1, "size": 24}
 

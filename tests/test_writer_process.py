@@ -10,16 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.core.config import Settings
 from app.core.db import upgrade
 from app.core.storage import ImageStore
 from app.core.writer import GroupWriter, WriterProcess, WriterUnavailable
-from app.crud import NewImage, NewOutput, PredictionBatch
-from app.main import create_app
-from tests.service import CLASSES, make_key, png_bytes, train_small_run
+from app.crud.writes import NewImage, NewOutput, PredictionBatch
+from tests.helpers import CLASSES, png_bytes
 
 
 def _batch(seed: int, label: str | None = "dent") -> PredictionBatch:
@@ -33,6 +31,7 @@ def test_the_writer_process_stores_as_the_thread_does(db_url: str, tmp_path: Pat
     upgrade(db_url)
     store = ImageStore(tmp_path / "images")
     writer = WriterProcess(db_url, store.root)
+    proc = writer._child.proc
     try:
         assert writer.pid not in (None, os.getpid())
         futures = [writer.submit(_batch(s)) for s in (1, 2, 3, 2)]  # the last: a repeat upload
@@ -47,7 +46,7 @@ def test_the_writer_process_stores_as_the_thread_does(db_url: str, tmp_path: Pat
     assert stored[0].outputs[0].label == "dent" and stored[0].agree
     assert stored[1].image_sha256 == stored[3].image_sha256
     assert sum(1 for p in store.root.rglob("*") if p.is_file()) == 3  # each image once
-    assert writer.pid is not None and not writer._proc.is_alive()  # closed: the process ended
+    assert writer.pid is None and not proc.is_alive()  # closed: the process ended
 
 
 def test_its_errors_are_the_service_errors_and_one_bad_request_fails_alone(
@@ -87,23 +86,17 @@ def test_a_broken_database_is_an_operational_error(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_small_run(tmp_path_factory.mktemp("writer"))
+def run_dir(trained_run: Path) -> Path:
+    return trained_run
 
 
 def test_a_killed_writer_gives_503_then_a_new_one_stores(
-    db_url: str, run_dir: Path, tmp_path: Path
+    db_url: str,
+    run_dir: Path,
+    service_client,  # noqa: ANN001
 ) -> None:
-    upgrade(db_url)
-    settings = Settings(
-        data_dir=tmp_path / "var",
-        database_url=db_url,
-        run_dir=run_dir,
-        device="cpu",
-        writer_process="true",
-    )
     upload = [("files", ("a.png", png_bytes(3), "image/png"))]
-    with TestClient(create_app(settings), headers={"X-API-Key": make_key(db_url)}) as client:
+    with service_client(run_dir, db_url, writer_process="true") as client:
         writer = client.app.state.writer
         assert isinstance(writer, WriterProcess)
         assert client.post("/predict", files=upload).status_code == 200
@@ -131,16 +124,15 @@ def test_a_killed_writer_gives_503_then_a_new_one_stores(
 
 
 def test_on_the_cpu_the_writer_is_a_thread_by_default(
-    db_url: str, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db_url: str,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    service_client,  # noqa: ANN001
 ) -> None:
-    upgrade(db_url)
     monkeypatch.setenv("MAXMIN_WRITER_PROCESS", "auto")
-    settings = Settings(
-        data_dir=tmp_path / "var", database_url=db_url, run_dir=run_dir, device="cpu"
-    )
     assert Settings(writer_process="off").writer_process == "false"
     upload = [("files", ("a.png", png_bytes(5), "image/png"))]
-    with TestClient(create_app(settings), headers={"X-API-Key": make_key(db_url)}) as client:
+    with service_client(run_dir, db_url) as client:
         assert type(client.app.state.writer) is GroupWriter
         r = client.post("/predict", files=upload)
         assert r.status_code == 200, r.text
@@ -157,7 +149,7 @@ def test_a_groups_image_files_each_once_and_none_left_when_the_group_fails(
     from sqlalchemy import func, select
 
     from app.core.db import make_engine, session_factory, write_lock
-    from app.crud import WriteTiming, store_batches
+    from app.crud.writes import WriteTiming, store_batches
     from app.tables import Prediction
 
     upgrade(db_url)

@@ -9,7 +9,7 @@ from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.inference import Classifier
+from app.core.inference import ServedRun
 from app.core.security import Principal, require
 from app.core.storage import ImageStore
 
@@ -27,14 +27,14 @@ def get_store(request: Request) -> ImageStore:
     return request.app.state.store
 
 
-def get_classifier(request: Request) -> Classifier:
-    classifier = request.app.state.classifier
+def get_classifier(request: Request) -> ServedRun:
+    classifier = request.app.state.models.classifier
     if classifier is None:
         # Only the shared model process being restarted passes in moments: say when to retry.
-        transient = getattr(request.app.state, "host_down", False)
+        transient = request.app.state.models.host_down
         raise HTTPException(
             503,
-            detail=request.app.state.models_error or "models not loaded",
+            detail=request.app.state.models.models_error or "models not loaded",
             headers={"Retry-After": "1"} if transient else None,
         )
     return classifier
@@ -49,4 +49,4 @@ AdminDep = Annotated[Principal, Depends(require("admin"))]
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[ImageStore, Depends(get_store)]
-ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+ClassifierDep = Annotated[ServedRun, Depends(get_classifier)]

@@ -1,7 +1,7 @@
 """Micro-batching: concurrent requests share one pass through the A/B models.
 
-One worker thread feeds the models (in the service, through ``ModelProcess``, which runs them in a
-process of their own; anything with the same ``classify`` works). It takes the first waiting image,
+One worker thread feeds the models through a ``ModelRunner`` (in the service, usually
+``ModelProcess``, which runs them in a process of their own). It takes the first waiting image,
 gathers whatever else arrives within ``max_wait_ms`` (up to ``max_batch`` images), runs both models
 once on the batch, and hands each request its rows. Small CNNs are bound by per-call overhead, so
 one batch of 32 costs far less than 32 single calls; and with one caller of torch there is no
@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.core.inference import Classifier
-from app.core.model_process import ModelProcess
+from app.core.inference import ModelRunner
 
 
 class Overloaded(RuntimeError):
@@ -49,7 +48,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        classifier: Classifier | ModelProcess,
+        classifier: ModelRunner,
         max_batch: int = 64,
         max_wait_ms: float = 2.0,
         max_queue: int = 512,

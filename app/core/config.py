@@ -59,11 +59,15 @@ class Settings(BaseSettings):
     max_file_bytes: int = 20 * 1024 * 1024  # bytes per image
     max_body_bytes: int = 64 * 1024 * 1024  # bytes per request
     max_image_pixels: int = 40_000_000  # decoded size guard against decompression bombs
+    max_request_pixels: int = 160_000_000  # decoded pixels of all of one request's images
+    # Decoded pixels one worker holds at once: bounds its decoding memory under concurrent uploads.
+    decode_budget_pixels: int = 40_000_000
     page_size_max: int = 200
     auth_enabled: bool = True  # API keys and roles; switch off only on a closed test bench
     auth_cache_seconds: float = 2.0  # a revoked key stops working within this time; 0: no cache
     session_secret: str | None = None  # cookie signing key; default: generated in data_dir
     cookie_secure: bool = False  # set true behind HTTPS so the session cookie never goes in clear
+    api_docs: bool = True  # /docs (Swagger UI, served locally); false hides it in production
     batch_max_size: int = 64  # images per pass through the models
     batch_wait_ms: float = 0.0  # extra wait for company; 0: batch whatever queued meanwhile
     queue_max: int = 512  # waiting requests before new ones get 503 (back-pressure)
@@ -95,8 +99,7 @@ class Settings(BaseSettings):
     def threads(self) -> int:
         """Torch threads for the models: the setting, else this worker's share of the cores, less
         one for the web process when the models have a process of their own (torch threads that
-        compete with the web process for a core spin and wait: on 2 cores, 2 model threads
-        served 0.7x the requests of 1)."""
+        compete with the web process for a core spin and wait)."""
         if self.torch_threads:
             return self.torch_threads
         return max(1, self.core_share - 1) if self.model_process else self.core_share

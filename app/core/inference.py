@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -15,6 +18,15 @@ from torch import nn
 from inspectlib.checkpoint import load_checkpoint, preprocess_of, read_meta
 from inspectlib.device import resolve_device
 from inspectlib.preprocess import Preprocess, normalize
+
+
+class ModelRunner(Protocol):
+    """What the micro-batcher calls: the models in this process (``Classifier``), in a process
+    of their own (``ModelProcess``), or in the host shared by all workers (``HostRun``)."""
+
+    def classify(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+        """Per model: class probabilities (N x K) and the model's time per image in ms."""
+        ...
 
 
 class ModelsUnavailable(RuntimeError):
@@ -84,10 +96,16 @@ class ServedRun:
         self.run_name = self.run_dir.name
         self.batcher = None  # the micro-batcher feeding these models, set by the service
 
-    def decode(self, data: bytes, max_pixels: int) -> Decoded:
-        """Decode and preprocess one upload; raises ImageError naming what is wrong."""
+    def decode(
+        self,
+        data: bytes,
+        max_pixels: int,
+        before_load: Callable[[int, int], AbstractContextManager] | None = None,
+    ) -> Decoded:
+        """Decode and preprocess one upload; raises ImageError naming what is wrong.
+        ``before_load(width, height)`` is held while the pixels are decoded."""
         t0 = time.perf_counter()
-        img = self.preprocess.image(data, max_pixels)
+        img = self.preprocess.image(data, max_pixels, before_load)
         t1 = time.perf_counter()
         width, height = img.info.get("original_size", img.size)
         ctype = FORMAT_TYPES.get(img.format or "", "application/octet-stream")

@@ -1,8 +1,12 @@
-"""A request-body size limit enforced while the body streams in, not after it is buffered."""
+"""Limits on what a request may cost: the body size, enforced while it streams in, and the
+decoded pixels a worker holds at once."""
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -71,3 +75,30 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class PixelBudget:
+    """How many decoded pixels one worker holds at once: a decode waits until its image fits.
+
+    Decoding costs memory in proportion to the pixels, whatever the file's size on the wire, so
+    concurrent uploads of large images are decoded one after another once together they would
+    exceed the budget. An image larger than the whole budget (still within the per-image limit)
+    is decoded alone."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self.held = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, width: int, height: int) -> Iterator[None]:
+        need = min(width * height, self.pixels)
+        with self._cond:
+            self._cond.wait_for(lambda: self.held + need <= self.pixels)
+            self.held += need
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= need
+                self._cond.notify_all()

@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import gc
 import logging
-import multiprocessing as mp
 import os
 import queue
 import shutil
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
 from pathlib import Path
 
 import numpy as np
 
-from app.core.model_process import EXITING, ModelProcessFailed
+from app.core.model_process import ModelProcessFailed
+from app.core.supervisor import EXITING, ChildProcess, Watchdog, exit_when_orphaned
 
 log = logging.getLogger("maxmin_inspect")
 KEEP_RUNS = 2  # runs the host keeps loaded: the served one and the one being switched to
@@ -138,13 +137,8 @@ def _host_main(
                 continue  # a client that failed the handshake
             threading.Thread(target=read, args=(conn,), daemon=True).start()
 
-    def orphaned() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(0)  # the serve command is gone (even killed): so is its host
-
     threading.Thread(target=accept, daemon=True).start()
-    threading.Thread(target=orphaned, daemon=True).start()
+    exit_when_orphaned(parent)  # the serve command is gone (even killed): so is its host
     gc.collect()
     gc.freeze()
     ready.send(("ready", info["device"]))
@@ -184,77 +178,42 @@ class ModelHost:
         on_restart: Callable[[], None] | None = None,
         parallel: str = "false",
     ) -> None:
-        self._on_restart = on_restart  # called each time a new host replaces one (metrics)
         self._folder = tempfile.mkdtemp(prefix="maxmin-models-")  # mode 0700: this user only
         self.address = os.path.join(self._folder, "models.sock")
         self.authkey = os.urandom(32)
-        self._args = (str(Path(run_dir).resolve()), list(names), device, threads, parallel)
-        self._start_timeout = start_timeout_s
+        args = (self.address, self.authkey, str(Path(run_dir).resolve()), list(names), device)
+        self._child = ChildProcess(
+            "the model host",
+            _host_main,
+            (*args, threads, parallel),
+            ModelProcessFailed,
+            start_timeout_s,
+            name="maxmin-models",
+            duplex=False,  # the ready message only; batches come over the socket
+            on_restart=on_restart,
+        )
         self._stopping = threading.Event()
-        self._proc: mp.process.BaseProcess | None = None
         try:
-            self.device = self._start()
+            self.device = self._child.start()
         except BaseException:
             shutil.rmtree(self._folder, ignore_errors=True)
             raise
-        self._watchdog = threading.Thread(target=self._watch, name="model-host-watch", daemon=True)
-        self._watchdog.start()
+        self._watchdog = Watchdog(self._child, self._restart, self._stopping)
 
-    def _start(self) -> str:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=_host_main,
-            args=(self.address, self.authkey, *self._args, child),
-            name="maxmin-models",
-            daemon=True,
-        )
-        proc.start()
-        child.close()
+    def _restart(self) -> bool:
+        if self._stopping.is_set() or EXITING.is_set():
+            return True
+        log.error("%s; starting a new one", self._child.died() or "the model host is gone")
         try:
-            if not parent.poll(self._start_timeout):
-                raise ModelProcessFailed(f"the model host did not start in {self._start_timeout} s")
-            try:
-                status, payload = parent.recv()
-            except EOFError:
-                raise ModelProcessFailed(
-                    f"the model host exited at start (code {proc.exitcode})"
-                ) from None
-            if status != "ready":
-                raise ModelProcessFailed(payload)
-        except BaseException:
-            proc.kill()
-            proc.join(5)
-            raise
-        finally:
-            parent.close()
-        self._proc = proc
-        log.info("model host %s started on %s at %s", proc.pid, payload, self.address)
-        return payload
-
-    def _watch(self) -> None:
-        while not self._stopping.is_set():
-            proc = self._proc
-            if proc is not None and proc.is_alive():
-                proc.join(1.0)
-                continue
-            if self._stopping.is_set() or EXITING.is_set():
-                return
-            log.error(
-                "model host exited (code %s); starting a new one",
-                proc.exitcode if proc else None,
-            )
-            try:
-                self._start()
-                if self._on_restart is not None:
-                    self._on_restart()
-            except ModelProcessFailed as exc:
-                log.error("model host did not restart: %s; trying again in 5 s", exc)
-                self._stopping.wait(5)
+            self._child.start()
+        except ModelProcessFailed as exc:
+            log.error("model host did not restart: %s; trying again in 5 s", exc)
+            return False
+        return True
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid
 
     def env(self) -> dict[str, str]:
         """What a worker needs to reach the host (read by ``Settings``)."""
@@ -262,13 +221,7 @@ class ModelHost:
 
     def close(self) -> None:
         self._stopping.set()
-        proc = self._proc
-        if proc is not None and proc.is_alive():
-            proc.terminate()
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+        self._child.stop(terminate=True)
         shutil.rmtree(self._folder, ignore_errors=True)
 
 

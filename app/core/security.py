@@ -3,8 +3,9 @@
 Roles are ordered: line (predict) < inspector (also label, the inspector page, images) < manager
 (also dashboard, reports, stats, metrics) < admin (also keys). Keys are stored as sha256 digests;
 a key is 32 random bytes, so a fast hash is enough (nothing to brute-force). Line systems send
-``X-API-Key``; people log in once through /login and get a signed, HTTP-only session cookie, and
-every state-changing request made with that cookie must carry the session's CSRF token.
+``X-API-Key``; people log in once through /login and get a signed, HTTP-only session cookie that
+names a server-side session (``WebSession``): logging out ends it for every copy of the cookie.
+Every state-changing request made with the cookie must carry the session's CSRF token.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.tables import ApiKey
+from app.tables import ApiKey, WebSession
 
 ROLES = ("line", "inspector", "manager", "admin")
 RANK = {role: i for i, role in enumerate(ROLES)}
@@ -65,17 +66,64 @@ def find_key(session: Session, key: str) -> ApiKey | None:
     return row if row is not None and row.revoked_at is None else None
 
 
-def revoke_key(session: Session, ident: str) -> ApiKey:
-    """Revoke by id or by the key's shown prefix."""
+def key_by_ident(session: Session, ident: str) -> ApiKey:
+    """A key by its id or by its shown prefix; LookupError when there is none."""
     query = select(ApiKey).where(ApiKey.prefix == ident)
     if ident.isdigit():
         query = select(ApiKey).where(ApiKey.id == int(ident))
     row = session.execute(query).scalar_one_or_none()
     if row is None:
         raise LookupError(f"no key with id or prefix {ident!r}")
+    return row
+
+
+def revoke_key(session: Session, ident: str) -> ApiKey:
+    """Revoke by id or by the key's shown prefix; its browser sessions end with it."""
+    row = key_by_ident(session, ident)
     row.revoked_at = datetime.now(UTC)
+    _end_sessions(session, row.id)
     session.commit()
     return row
+
+
+def start_session(request: Request, session: Session, key: ApiKey) -> None:
+    """Log ``key`` in: a server-side session row, named by the signed cookie."""
+    sid = secrets.token_urlsafe(32)
+    session.add(WebSession(id=sid, key_id=key.id))
+    session.commit()
+    request.session.clear()
+    request.session["sid"] = sid
+    csrf_token(request)  # a fresh token for the new session
+
+
+def end_session(request: Request, session: Session) -> None:
+    """Log out: the session row ends, so the cookie is refused even where it was copied."""
+    sid = request.session.get("sid")
+    if sid is not None:
+        row = session.get(WebSession, sid)
+        if row is not None and row.ended_at is None:
+            row.ended_at = datetime.now(UTC)
+            session.commit()
+    request.session.clear()
+
+
+def _end_sessions(session: Session, key_id: int) -> int:
+    rows = session.execute(
+        select(WebSession).where(WebSession.key_id == key_id, WebSession.ended_at.is_(None))
+    ).scalars()
+    now, n = datetime.now(UTC), 0
+    for row in rows:
+        row.ended_at, n = now, n + 1
+    return n
+
+
+def end_all_sessions(session: Session, ident: str) -> tuple[ApiKey, int]:
+    """End every browser session of a key (by id or prefix), e.g. a lost tablet's; the key itself
+    keeps working for new logins and programs. Returns the key and how many sessions ended."""
+    row = key_by_ident(session, ident)
+    n = _end_sessions(session, row.id)
+    session.commit()
+    return row, n
 
 
 def any_keys(session: Session) -> bool:
@@ -136,12 +184,13 @@ def authenticate(request: Request) -> Principal | None:
         if header is not None:
             row = find_key(session, header)
             return None if row is None else Principal(row.id, row.name, row.role, "header")
-        key_id = request.session.get("key_id") if "session" in request.scope else None
-        if key_id is None:
+        sid = request.session.get("sid") if "session" in request.scope else None
+        if sid is None:
             return None
-        row = session.get(ApiKey, key_id)
-        if row is None or row.revoked_at is not None:
-            request.session.clear()
+        web = session.get(WebSession, sid)
+        row = session.get(ApiKey, web.key_id) if web is not None else None
+        if web is None or web.ended_at is not None or row is None or row.revoked_at is not None:
+            request.session.clear()  # logged out, ended by an admin, or its key revoked
             return None
         return Principal(row.id, row.name, row.role, "cookie")
 
@@ -160,20 +209,32 @@ def check_csrf(request: Request, sent: str | None) -> None:
         raise HTTPException(403, detail="missing or invalid CSRF token; reload the page")
 
 
+async def identify(request: Request) -> Principal | None:
+    """Who is calling (through the key cache), or None; everyone is an admin with access control
+    switched off."""
+    if not request.app.state.settings.auth_enabled:
+        return Principal(0, "anonymous", "admin", "open")
+    cache: KeyCache = request.app.state.key_cache
+    header = request.headers.get("x-api-key")
+    digest = hash_key(header) if header is not None and len(header) <= 200 else None
+    who = cache.get(digest) if digest is not None else None
+    if who is None:
+        who = await run_in_threadpool(authenticate, request)
+        if who is not None and digest is not None:
+            cache.put(digest, who)
+    return who
+
+
+def may(who: Principal | None, role: str) -> bool:
+    """Whether ``who`` holds ``role`` or a role above it."""
+    return who is not None and RANK[who.role] >= RANK[role]
+
+
 def require(role: str):  # noqa: ANN201
     """A dependency admitting ``role`` and the roles above it."""
 
     async def dependency(request: Request) -> Principal:
-        if not request.app.state.settings.auth_enabled:
-            return Principal(0, "anonymous", "admin", "open")
-        cache: KeyCache = request.app.state.key_cache
-        header = request.headers.get("x-api-key")
-        digest = hash_key(header) if header is not None and len(header) <= 200 else None
-        who = cache.get(digest) if digest is not None else None
-        if who is None:
-            who = await run_in_threadpool(authenticate, request)
-            if who is not None and digest is not None:
-                cache.put(digest, who)
+        who = await identify(request)
         if who is None:
             raise HTTPException(
                 401,

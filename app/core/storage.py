@@ -33,8 +33,7 @@ class ImageStore:
     Every file is durable before it gets its name, and so before any row that names it is
     committed. ``put`` syncs its file; ``put_many`` with ``sync="group"`` (on Linux) writes all of
     a group commit's new files and makes them durable with one sync of the filesystem, where a
-    sync per file waits for a journal commit each (``bench/db_bench.py``: 1.17-1.87x the
-    predictions/s on 2 cores, with new images)."""
+    sync per file waits for a journal commit each (``bench/db_bench.py`` compares the two)."""
 
     def __init__(self, root: Path, sync: str = "group") -> None:
         if sync not in ("group", "file"):

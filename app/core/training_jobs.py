@@ -31,7 +31,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.crud import NotFound, register_run
+from app.crud.errors import NotFound
+from app.crud.runs import register_run
 from app.tables import Run, TrainingJob
 from inspectlib.datasets import DataError, scan_source
 from inspectlib.progress import read_status

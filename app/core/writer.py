@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import queue
 import signal
@@ -27,9 +26,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.model_process import EXITING
 from app.core.storage import ImageStore
-from app.crud import PredictionBatch, StoredPrediction, WriteTiming, store_batches
+from app.core.supervisor import EXITING, ChildProcess, exit_when_orphaned
+from app.crud.writes import PredictionBatch, StoredPrediction, WriteTiming, store_batches
 
 log = logging.getLogger("maxmin_inspect")
 
@@ -178,12 +177,7 @@ def _writer_main(
             except (OSError, ValueError):  # the worker is gone: nobody to tell
                 pass
 
-    def orphaned() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(0)  # the worker is gone (even killed): so is its writer
-
-    threading.Thread(target=orphaned, daemon=True).start()
+    exit_when_orphaned(parent)  # the worker is gone (even killed): so is its writer
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -208,10 +202,9 @@ class WriterProcess:
 
     Why: under load a web worker's event loop holds the GIL most of the time, and a writer thread
     beside it waits for the GIL after every system call it makes (each file write and fsync, each
-    SQLite step), while holding the SQLite write lock that every other worker waits for. Beside one
-    Python thread spinning, a group of 8 predictions took 57x as long as alone, 737.6 ms against
-    13.0 ms on 2 cores (``bench/writer_bench.py --one-group``). In a process of its own the writer
-    has a GIL of its own.
+    SQLite step), while holding the SQLite write lock that every other worker waits for
+    (``bench/writer_bench.py --one-group`` measures it). In a process of its own the writer has a
+    GIL of its own.
 
     If the process dies, the requests it held fail with ``WriterUnavailable`` (503) and a new
     process starts at once; a request whose rows were committed just before may have stored them.
@@ -227,53 +220,33 @@ class WriterProcess:
         wait: bool = True,
         on_restart: Callable[[], None] | None = None,
     ) -> None:
-        self._args = (db_url, str(images_dir), max_group, image_sync)
-        self._start_timeout = start_timeout_s
-        self._lock = threading.Lock()  # the connection, the pending futures, the process
+        self._child = ChildProcess(
+            "the database writer",
+            _writer_main,
+            (db_url, str(images_dir), max_group, image_sync),
+            WriterUnavailable,
+            start_timeout_s,
+            name="maxmin-writer",
+            on_restart=on_restart,
+        )
+        self._lock = threading.Lock()  # the connection, the pending futures
         self._pending: dict[int, Future] = {}
         self._keys = itertools.count()
         self._closing = False
-        self._conn: Connection | None = None
-        self._proc: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None  # the ready child's end, None while there is none
         self.restarts = 0
-        self._on_restart = on_restart  # called each time a new process replaces one (metrics)
         self._reader: threading.Thread | None = None
-        self._spawn()
+        self._child.spawn()
         if wait:
             self.wait_ready()
 
-    def _spawn(self) -> None:
-        ctx = mp.get_context("spawn")
-        ours, theirs = ctx.Pipe(duplex=True)
-        proc = ctx.Process(
-            target=_writer_main, args=(*self._args, theirs), name="maxmin-writer", daemon=True
-        )
-        proc.start()
-        theirs.close()
-        self._starting = (ours, proc)
-
     def _handshake(self) -> None:
-        ours, proc = self._starting
-        try:
-            if not ours.poll(self._start_timeout):
-                raise WriterUnavailable(
-                    f"the database writer did not start in {self._start_timeout:g} s"
-                )
-            ours.recv()
-        except EOFError:
-            proc.join(5)
-            raise WriterUnavailable(
-                f"the database writer exited at start (code {proc.exitcode})"
-            ) from None
-        except BaseException:
-            proc.kill()
-            proc.join(5)
-            raise
+        self._child.handshake()
         with self._lock:
-            self._conn, self._proc = ours, proc
+            self._conn = self._child.conn
 
     def _start(self) -> None:
-        self._spawn()
+        self._child.spawn()
         self._handshake()
 
     def wait_ready(self) -> None:
@@ -286,7 +259,7 @@ class WriterProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid
 
     def submit(self, batch: PredictionBatch) -> Future:
         future: Future = Future()
@@ -330,16 +303,12 @@ class WriterProcess:
 
     def _gone(self) -> bool:
         """The process closed its end: True when that was the end of the service."""
-        proc = self._proc
-        proc.join(10)
-        if proc.is_alive():  # closed its end but hangs
-            proc.kill()
-            proc.join(5)
+        proc = self._child.proc
         with self._lock:
             pending, self._pending = self._pending, {}
-            self._conn.close()
             self._conn = None
             closing = self._closing
+        self._child.stop()  # it closed its end: it exits, or is killed if it hangs
         reason = WriterUnavailable(
             f"the database writer exited (code {proc.exitcode}); a new one is starting, retry"
         )
@@ -350,10 +319,8 @@ class WriterProcess:
         log.error("database writer exited (code %s); starting a new one", proc.exitcode)
         while True:
             try:
-                self._start()
+                self._start()  # counted in /metrics by the child's on_restart
                 self.restarts += 1
-                if self._on_restart is not None:
-                    self._on_restart()
                 return False
             except WriterUnavailable as exc:
                 log.error("database writer did not restart: %s; trying again in 5 s", exc)
@@ -373,7 +340,4 @@ class WriterProcess:
                     pass
         if self._reader is not None:
             self._reader.join(timeout=60)
-        proc = self._proc if self._reader is not None else self._starting[1]
-        if proc is not None and proc.is_alive():
-            proc.kill()
-            proc.join(5)
+        self._child.stop(kill=True)  # whatever is still alive once the reader has ended

@@ -10,15 +10,20 @@ from fastapi.templating import Jinja2Templates
 
 from app.api.deps import SessionDep
 from app.api.routes.predictions import to_public
-from app.core.security import RANK, Principal, authenticate, check_csrf, csrf_token, find_key
-from app.core.training_jobs import list_datasets
-from app.crud import (
-    PredictionFilter,
-    compute_stats,
-    list_predictions,
-    list_runs,
-    served_versions,
+from app.core.security import (
+    RANK,
+    Principal,
+    authenticate,
+    check_csrf,
+    csrf_token,
+    end_session,
+    find_key,
+    start_session,
 )
+from app.core.training_jobs import list_datasets
+from app.crud.live_ab import compute_stats, served_versions
+from app.crud.predictions import PredictionFilter, list_predictions
+from app.crud.runs import list_runs
 from app.schemas import TrainingRequest
 from inspectlib.charts import accuracy_cost_chart
 from models import list_models
@@ -84,17 +89,15 @@ def login(
             },
             status_code=401,
         )
-    request.session.clear()
-    request.session["key_id"] = row.id
-    csrf_token(request)  # a fresh token for the new session
+    start_session(request, session, row)
     return RedirectResponse(_safe_next(next), status_code=303)
 
 
 @router.post("/logout")
-def logout(request: Request, csrf: str = Form("")) -> Response:
-    """End the session."""
+def logout(request: Request, session: SessionDep, csrf: str = Form("")) -> Response:
+    """End the session: on the server, so a copy of the cookie is refused from now on."""
     check_csrf(request, csrf)
-    request.session.clear()
+    end_session(request, session)
     return RedirectResponse("/login", status_code=303)
 
 
@@ -104,7 +107,7 @@ def inspector_page(request: Request, session: SessionDep) -> Response:
     who = _page_user(request, "inspector")
     if not isinstance(who, Principal):
         return who
-    classifier = request.app.state.classifier
+    classifier = request.app.state.models.classifier
     recent, _ = list_predictions(session, PredictionFilter(labelled=True), 0, 10)
     return templates.TemplateResponse(
         request,
@@ -112,7 +115,7 @@ def inspector_page(request: Request, session: SessionDep) -> Response:
         {
             "classes": classifier.classes if classifier else [],
             "models": list(classifier.models) if classifier else [],
-            "models_error": request.app.state.models_error,
+            "models_error": request.app.state.models.models_error,
             "recent": [to_public(p) for p in recent],
             "who": who,
             "csrf": csrf_token(request),
@@ -126,7 +129,7 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
     who = _page_user(request, "manager")
     if not isinstance(who, Principal):
         return who
-    classifier = request.app.state.classifier
+    classifier = request.app.state.models.classifier
     runs = list_runs(session)
     latest = runs[0] if runs else None
     stats = None
@@ -151,7 +154,7 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
             "pinned": request.app.state.settings.run_dir is not None,
             "stats": stats,
             "disagreements": [to_public(p) for p in disagreements],
-            "models_error": request.app.state.models_error,
+            "models_error": request.app.state.models.models_error,
             "who": who,
             "csrf": csrf_token(request),
         },

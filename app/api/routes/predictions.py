@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated
 
@@ -23,23 +25,14 @@ from app.api.deps import (
     SettingsDep,
 )
 from app.core.batcher import BatchResult, Overloaded
-from app.core.inference import Classifier, Decoded
+from app.core.config import Settings
+from app.core.inference import Decoded, ServedRun
+from app.core.limits import PixelBudget
 from app.core.model_process import ModelProcessFailed
 from app.core.writer import WriterUnavailable
-from app.crud import (
-    InvalidFilter,
-    InvalidLabel,
-    NewImage,
-    NewOutput,
-    NotFound,
-    PredictionBatch,
-    PredictionFilter,
-    StoredPrediction,
-    as_utc,
-    get_prediction,
-    list_predictions,
-    set_label,
-)
+from app.crud.errors import InvalidFilter, InvalidLabel, NotFound, as_utc
+from app.crud.predictions import PredictionFilter, get_prediction, list_predictions, set_label
+from app.crud.writes import NewImage, NewOutput, PredictionBatch, StoredPrediction
 from app.schemas import LabelUpdate, PredictionPublic, PredictionsPublic
 from app.tables import Prediction
 from inspectlib.imaging import ImageError, ImageTooLarge, UnsupportedFormat
@@ -170,14 +163,33 @@ async def _read_uploads(
 
 
 def _decode_all(
-    classifier: Classifier, uploads: list[tuple[str | None, bytes]], max_pixels: int
+    classifier: ServedRun,
+    uploads: list[tuple[str | None, bytes]],
+    settings: Settings,
+    budget: PixelBudget,
 ) -> list[Decoded]:
-    """Decode and preprocess every upload; all must be images or the request is refused."""
+    """Decode and preprocess every upload; all must be images or the request is refused. Each
+    decode waits for room in the worker's pixel budget; the request's images together may hold
+    at most ``max_request_pixels``, checked from their headers before each decode."""
     decoded = []
+    total = 0
+
+    @contextmanager
+    def before_load(width: int, height: int) -> Iterator[None]:
+        nonlocal total
+        total += width * height
+        if total > settings.max_request_pixels:
+            raise ImageTooLarge(
+                f"the request's images hold more than {settings.max_request_pixels} pixels "
+                "in all; send them in several requests"
+            )
+        with budget.hold(width, height):
+            yield
+
     for i, (name, data) in enumerate(uploads):
         label = repr(name) if name else f"#{i + 1}"
         try:
-            decoded.append(classifier.decode(data, max_pixels))
+            decoded.append(classifier.decode(data, settings.max_image_pixels, before_load))
         except ImageError as exc:
             status = (
                 413
@@ -202,7 +214,7 @@ def _count(metrics, items: list, result: BatchResult) -> None:  # noqa: ANN001
 
 
 def _build_items(
-    classifier: Classifier,
+    classifier: ServedRun,
     uploads: list[tuple[str | None, bytes]],
     decoded: list[Decoded],
     result: BatchResult,
@@ -269,7 +281,12 @@ async def create_prediction(
     # A small pool of its own: decoding in the default pool of 40 threads thrashes the GIL and
     # starves the event loop under load.
     decoded = await asyncio.get_running_loop().run_in_executor(
-        request.app.state.decode_pool, _decode_all, classifier, uploads, settings.max_image_pixels
+        request.app.state.decode_pool,
+        _decode_all,
+        classifier,
+        uploads,
+        settings,
+        request.app.state.decode_budget,
     )
     t2 = time.perf_counter()
     batcher = classifier.batcher  # these models' own: a switch of runs cannot mix them up

@@ -8,7 +8,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
 from app.api.deps import AdminDep, ManagerDep, RowId, SessionDep, SettingsDep
-from app.crud import as_utc, choose_to_serve, list_runs
+from app.crud.errors import as_utc
+from app.crud.runs import choose_to_serve, list_runs
 from app.schemas import RunPublic, RunsPublic, RunSummary
 from app.tables import Run
 
@@ -16,7 +17,7 @@ router = APIRouter(tags=["reports"])
 
 
 def _serving(request: Request) -> str | None:
-    classifier = request.app.state.classifier
+    classifier = request.app.state.models.classifier
     return str(classifier.run_dir.resolve()) if classifier is not None else None
 
 

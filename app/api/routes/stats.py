@@ -8,7 +8,8 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Query
 
 from app.api.deps import ClassifierDep, ManagerDep, SessionDep, SettingsDep
-from app.crud import InvalidFilter, compute_stats, served_versions
+from app.crud.errors import InvalidFilter
+from app.crud.live_ab import compute_stats, served_versions
 from app.schemas import StatsPublic
 
 router = APIRouter(tags=["stats"])

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.api.deps import AdminDep, RowId, SessionDep, SettingsDep
 from app.core import training_jobs as jobs
-from app.crud import as_utc
+from app.crud.errors import as_utc
 from app.schemas import (
     DatasetsPublic,
     TrainingJobPublic,

@@ -1,26 +1,35 @@
-"""Helpers for the service tests: a trained run, databases (SQLite and PostgreSQL), images."""
+"""Every helper the tests share: generated image folders, a trained run, databases (SQLite and
+PostgreSQL), keys, images, and a running service. Test modules and conftest import from here,
+never from each other."""
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
+import socket
 import struct
+import subprocess
+import sys
+import time
 import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.conftest import write_folder
+from training.demo import make_image
 from training.engine import TrainConfig
 from training.poc import PocConfig, run_poc
 
+ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ENV = "MAXMIN_TEST_POSTGRES_URL"  # e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test
 CLASSES = ["dent", "good", "scratch"]
 
@@ -158,3 +167,118 @@ def malformed_corpus() -> list[tuple[str, bytes, set[int]]]:
         ("bomb tiff header", b"II*\x00" + b"\x08\x00\x00\x00" + b"\x00" * 64, {422}),
         ("jpeg cut in half", jpeg[: len(jpeg) // 2], {422}),
     ]
+
+
+def write_folder(
+    root: Path,
+    per_class: dict[str, int],
+    size: int = 32,
+    seed: int = 0,
+    fmt: str = "png",
+    easy: bool = False,
+) -> Path:
+    """Write ``per_class[name]`` generated surface images into ``root/<name>/``.
+
+    ``easy`` makes classes differ in brightness, learnable in a handful of steps.
+    """
+    rng = np.random.default_rng(seed)
+    kinds = ["good", "scratch", "dent", "spots"]
+    for k, (name, n) in enumerate(per_class.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            if easy:
+                pixels = rng.normal(40 + 70 * k, 15, (size, size)).clip(0, 255).astype(np.uint8)
+                img = Image.fromarray(pixels, mode="L")
+            else:
+                img = make_image(kinds[k % len(kinds)], rng, size)
+            img.save(root / name / f"{name}_{i}.{fmt}")
+    return root
+
+
+def copy_subset(src: Path, dst: Path, step: int, limit: int | None = None) -> list[str]:
+    """Every ``step``-th JPEG of each class folder of ``src`` (a spread over the class, not its
+    first images; at most ``limit`` each) copied to ``dst``; returns the class names."""
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
+    for cls in classes:
+        (dst / cls).mkdir(parents=True)
+        for f in sorted((src / cls).glob("*.jpg"))[::step][:limit]:
+            shutil.copy(f, dst / cls / f.name)
+    return classes
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(
+    db_url: str,
+    run_dir: Path | None,
+    data_dir: Path,
+    port: int,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A running `maxmin-inspect serve`; yields an admin key for it. With ``run_dir`` None it
+    serves the registered runs (and follows a change of them)."""
+    from app.core.db import upgrade
+
+    upgrade(db_url)
+    key = make_key(db_url)
+    with _serve(db_url, run_dir, data_dir, port, workers, env) as proc:
+        yield key, proc
+
+
+@contextmanager
+def _serve(
+    db_url: str,
+    run_dir: Path | None,
+    data_dir: Path,
+    port: int,
+    workers: int = 1,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "MAXMIN_DATA_DIR": str(data_dir),
+        "MAXMIN_DEVICE": "cpu",
+        **({"MAXMIN_RUN_DIR": str(run_dir)} if run_dir is not None else {}),
+        **(extra_env or {}),
+    }
+    if run_dir is None:
+        env.pop("MAXMIN_RUN_DIR", None)  # not even from the environment the tests run in
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "maxmin_inspect",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60 * workers
+    try:
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=20)
