@@ -211,11 +211,7 @@ def run_once(
                 for _ in range(workers)
             ]
             parts = [j.get(timeout=seconds + 120) for j in jobs]
-        engine = make_engine(url)
-        with engine.connect() as conn:
-            rows = conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one()
-        engine.dispose()
-    lat = [x for p in parts for x in p[0]]
+        stored = outcome(url, parts, seconds)
     return {
         "way": way,
         "image_sync": WAYS[way][1],
@@ -223,6 +219,18 @@ def run_once(
         "new_images": new,
         "workers": workers,
         "clients_per_worker": clients,
+        **stored,
+    }
+
+
+def outcome(url: str, parts: list, seconds: float) -> dict:
+    """The workers' latencies and errors, and the rows the database holds at the end."""
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one()
+    engine.dispose()
+    lat = [x for p in parts for x in p[0]]
+    return {
         "predictions": len(lat),
         "rows_stored": int(rows),
         "errors": sum(p[1] for p in parts),

@@ -1,5 +1,5 @@
 """The statements of one group commit on SQLite: this project's SQLAlchemy Core path
-(``app.crud.store_batches``, its ``db_sql`` part) against the same rows written through
+(``app.crud.writes.store_batches``, its ``db_sql`` part) against the same rows written through
 Python's ``sqlite3`` directly, the floor a hand-written, SQLite-only path could reach.
 
 On SQLite every worker's writer holds the cross-process write lock for exactly this time, so it

@@ -19,10 +19,11 @@ def table(run_dir: Path) -> str:
         f"torch {run['torch']}; whole run {run['wall_seconds']:.0f} s "
         f"(decoding {run['data_seconds']:.1f} s{', cached' if run['data_from_cache'] else ''}).",
         "",
-        "| model | test accuracy (mean ± std) | per seed | macro F1 | params | MFLOPs/img "
-        "| train s (all seeds) | latency p50/p99 ms | img/s at batch 64 | peak memory MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        *_header(
+            "model", "test accuracy (mean ± std)", "per seed", "macro F1", "params", "MFLOPs/img",
+            "train s (all seeds)", "latency p50/p99 ms", "img/s at batch 64", "peak memory MB",
+        ),
+    ]  # fmt: skip
     for name, m in r["models"].items():
         acc = m["accuracy"]
         std = f" ± {acc['std'] * 100:.1f}" if acc["std"] is not None else ""
@@ -39,10 +40,11 @@ def table(run_dir: Path) -> str:
         )
     lines += [
         "",
-        "| against baseline | accuracy difference, points (95% CI) | McNemar p<0.05 seeds "
-        "| params | latency | train time |",
-        "|---|---|---|---|---|---|",
-    ]
+        *_header(
+            "against baseline", "accuracy difference, points (95% CI)", "McNemar p<0.05 seeds",
+            "params", "latency", "train time",
+        ),
+    ]  # fmt: skip
     for name, c in r["comparison"].items():
         d = c["accuracy_difference"]
         ci = "n/a" if d["low"] is None else f"{d['low'] * 100:+.1f} to {d['high'] * 100:+.1f}"
@@ -53,6 +55,10 @@ def table(run_dir: Path) -> str:
         )
     lines += ["", f"Verdict: {r['verdict']}"]
     return "\n".join(lines)
+
+
+def _header(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from db_bench import (  # noqa: E402
     _batch,
     _images,
     drive,
-    latency_stats,
     medians,
+    outcome,
     write_results,
 )
 
@@ -86,21 +86,8 @@ def run_once(way: str, workers: int, clients: int, busy: float, seconds: float) 
                 for _ in range(workers)
             ]
             parts = [j.result(timeout=seconds + 120) for j in jobs]
-        engine = make_engine(url)
-        with engine.connect() as conn:
-            rows = conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one()
-        engine.dispose()
-    lat = [x for p in parts for x in p[0]]
-    return {
-        "way": way,
-        "busy": busy,
-        "workers": workers,
-        "clients_per_worker": clients,
-        "predictions": len(lat),
-        "rows_stored": int(rows),
-        "errors": sum(p[1] for p in parts),
-        **latency_stats(lat, seconds),
-    }
+        stored = outcome(url, parts, seconds)
+    return {"way": way, "busy": busy, "workers": workers, "clients_per_worker": clients, **stored}
 
 
 class _TimedLock:

@@ -206,6 +206,20 @@ def copy_subset(src: Path, dst: Path, step: int, limit: int | None = None) -> li
     return classes
 
 
+def wait_until_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Poll ``base``/readyz until it answers 200; fail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the service at {base} did not become ready within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     """A TCP port free on loopback now."""
     with socket.socket() as s:
@@ -267,16 +281,8 @@ def _serve(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60 * workers
     try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        wait_until_ready(f"http://127.0.0.1:{port}", proc, 60 * workers)
         yield proc
     finally:
         if proc.poll() is None:

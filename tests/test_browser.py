@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.core.db import make_engine, session_factory, upgrade
 from app.crud.runs import register_run
-from tests.helpers import CLASSES, make_key, png_bytes, write_folder
+from tests.helpers import (
+    CLASSES,
+    free_port,
+    make_key,
+    png_bytes,
+    wait_until_ready,
+    write_folder,
+)
 
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -47,12 +51,6 @@ def _chromium() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(
     tmp_path_factory: pytest.TempPathFactory, trained_run: Path
@@ -68,7 +66,7 @@ def server(
     manager_key = make_key(url, "manager", "anna (line manager)")
     admin_key = make_key(url, "admin", "ole (engineer)")
     write_folder(root / "datasets" / "line 3 parts", {c: 10 for c in CLASSES}, easy=True)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MAXMIN_DATASETS_DIR": str(root / "datasets"),
@@ -85,17 +83,8 @@ def server(
         cwd=Path(__file__).resolve().parents[1],
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
     try:
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the service did not become ready within 60 s")
-            time.sleep(0.3)
+        wait_until_ready(base, proc, 60)
         yield base, manager_key, admin_key
     finally:
         proc.terminate()

@@ -36,8 +36,16 @@ def test_dockerfile_runs_as_non_root_with_the_tested_start_up() -> None:
     # The browser test starts the service the same way: `maxmin-inspect serve`, which migrates.
     assert "maxmin-inspect serve --host 0.0.0.0" in text
     assert '"maxmin_inspect", "serve"' in (ROOT / "tests" / "test_browser.py").read_text()
-    for path in ("models", "inspectlib", "training", "app", "maxmin_inspect", "migrations"):
-        assert f"COPY {path}" in text
+    # Every package the project installs, and the migrations, are in the image.
+    import tomllib
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in found["packages"]["find"]["include"]]
+    assert {"models", "inspectlib", "training", "app", "maxmin_inspect"} <= set(packages)
+    for path in [*packages, "migrations"]:
+        assert f"COPY {path} ./{path}" in text, path
+    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert on_disk <= set(packages), on_disk - set(packages)  # no package left out of the wheel
 
 
 def _compose() -> list[str] | None:

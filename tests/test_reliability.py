@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from app.tables import LabelEvent, ModelOutput, Prediction, StoredImage
 from tests.helpers import (
     CLASSES,
     encoded,
+    free_port,
     malformed_corpus,
     png_bytes,
     server,
@@ -35,12 +35,6 @@ CLIENTS = 16
 @pytest.fixture(scope="module")
 def run_dir(trained_run: Path) -> Path:
     return trained_run
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _load(
@@ -111,7 +105,7 @@ def _check_consistent(db_url: str, store: ImageStore, acked: dict) -> dict[str, 
 
 @pytest.mark.slow
 def test_concurrent_clients_lose_nothing(db_url: str, run_dir: Path, tmp_path: Path) -> None:
-    port, acked, stop = _port(), {}, threading.Event()
+    port, acked, stop = free_port(), {}, threading.Event()
     with server(db_url, run_dir, tmp_path / "var", port) as (key, _):
         for t in _load(f"http://127.0.0.1:{port}", key, 4.0, acked, stop):
             t.join()
@@ -125,7 +119,7 @@ def test_concurrent_clients_lose_nothing(db_url: str, run_dir: Path, tmp_path: P
 
 @pytest.mark.slow
 def test_sigkill_mid_load_then_restart(db_url: str, run_dir: Path, tmp_path: Path) -> None:
-    port, acked, stop = _port(), {}, threading.Event()
+    port, acked, stop = free_port(), {}, threading.Event()
     with server(db_url, run_dir, tmp_path / "var", port) as (key, proc):
         threads = _load(f"http://127.0.0.1:{port}", key, 10.0, acked, stop)
         time.sleep(2.0)
@@ -137,7 +131,7 @@ def test_sigkill_mid_load_then_restart(db_url: str, run_dir: Path, tmp_path: Pat
     assert len(acked) > 10
     found = _check_consistent(db_url, ImageStore(tmp_path / "var" / "images"), acked)
     print(f"{db_url.split(':')[0]}: killed after 2 s; {len(acked)} acknowledged, {found}")
-    port = _port()
+    port = free_port()
     with server(db_url, run_dir, tmp_path / "var", port) as (key, _):  # it serves again
         r = httpx.post(
             f"http://127.0.0.1:{port}/predict",
@@ -164,7 +158,7 @@ def test_malformed_corpus_keeps_memory_bounded(run_dir: Path, tmp_path: Path) ->
     from PIL import Image
 
     url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
-    port = _port()
+    port = free_port()
     big = encoded(Image.new("L", (5000, 5000), 200), "PNG")  # 25 M pixels, about 25 KB
     corpus = [*malformed_corpus(), ("5000x5000 flat png", big, {200})]
     with server(url, run_dir, tmp_path / "var", port) as (key, proc):
@@ -193,7 +187,7 @@ def test_metrics_sum_every_worker(run_dir: Path, tmp_path: Path) -> None:
     """With two workers, each scrape of /metrics (served by either worker) counts every
     prediction, whichever worker made it."""
     url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
-    port = _port()
+    port = free_port()
     with server(url, run_dir, tmp_path / "var", port, workers=2) as (key, _):
         base = f"http://127.0.0.1:{port}"
         for i in range(12):  # a new connection each time: the kernel spreads them over workers
@@ -222,7 +216,7 @@ def test_workers_share_one_model_process(
     (models loaded once, batches merged); with false, and with auto on the CPU, each worker has
     its own. Every way answers alike."""
     url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
-    port = _port()
+    port = free_port()
     monkeypatch.setenv("MAXMIN_SHARED_MODELS", setting)
     shared = setting == "true"  # the server runs on the CPU
     with server(url, run_dir, tmp_path / "var", port, workers=2) as (key, proc):
@@ -260,7 +254,7 @@ def test_readiness_follows_the_shared_model_process(
     """Killed, the shared model process makes /readyz answer 503 with the reason until the serve
     command's new one answers; then /readyz and /predict work again."""
     url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
-    port = _port()
+    port = free_port()
     monkeypatch.setenv("MAXMIN_SHARED_MODELS", "true")
     with server(url, run_dir, tmp_path / "var", port, workers=2) as (key, proc):
         base = f"http://127.0.0.1:{port}"

@@ -101,21 +101,29 @@ def logout(request: Request, session: SessionDep, csrf: str = Form("")) -> Respo
     return RedirectResponse("/login", status_code=303)
 
 
+def _served(request: Request) -> dict:
+    """What a page says of the served models: their classes and names, or why there are none."""
+    served = request.app.state.models
+    classifier = served.classifier
+    return {
+        "classes": classifier.classes if classifier else [],
+        "models": list(classifier.models) if classifier else [],
+        "models_error": served.models_error,
+    }
+
+
 @router.get("/", response_class=HTMLResponse)
 def inspector_page(request: Request, session: SessionDep) -> Response:
     """Upload or photograph parts, see both models' answers, confirm or correct the label."""
     who = _page_user(request, "inspector")
     if not isinstance(who, Principal):
         return who
-    classifier = request.app.state.models.classifier
     recent, _ = list_predictions(session, PredictionFilter(labelled=True), 0, 10)
     return templates.TemplateResponse(
         request,
         "inspector.html",
         {
-            "classes": classifier.classes if classifier else [],
-            "models": list(classifier.models) if classifier else [],
-            "models_error": request.app.state.models.models_error,
+            **_served(request),
             "recent": [to_public(p) for p in recent],
             "who": who,
             "csrf": csrf_token(request),
