@@ -65,7 +65,97 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         action="store_true",
         help="also make it the run the service serves (running services switch within seconds)",
     )
-    return {"db": _db, "serve": _serve, "keys": _keys, "import-run": _import_run}
+    pr = sub.add_parser(
+        "predict",
+        help="classify folders or files of images offline, as the service would",
+        description="Classify images with a run's A/B models, with the service's preprocessing "
+        "and decision rule; write a CSV of the file, each model's label and confidence, and the "
+        "decision. Unreadable files are listed, not fatal.",
+    )
+    pr.add_argument("run_dir", type=Path, help="a run directory written by 'train'")
+    pr.add_argument("paths", type=Path, nargs="+", help="image files or folders (searched deeply)")
+    pr.add_argument("--csv", type=Path, default=None, help="write here (default: standard output)")
+    pr.add_argument(
+        "--models", default=None, help="comma-separated (default: MAXMIN_AB_MODELS, the A/B pair)"
+    )
+    pr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    pr.add_argument("--batch-size", type=positive_int, default=64)
+    return {
+        "db": _db,
+        "serve": _serve,
+        "keys": _keys,
+        "import-run": _import_run,
+        "predict": _predict,
+    }
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import csv
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from app.core.config import Settings
+    from app.core.inference import Classifier, ModelsUnavailable
+    from inspectlib.decision import decide
+    from inspectlib.imaging import IMAGE_SUFFIXES, ImageError
+
+    settings = Settings()
+    names = [m.strip() for m in args.models.split(",")] if args.models else settings.ab_models
+    files: list[Path] = []
+    for path in args.paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += [p for p in found if p.is_file()]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path} is neither an image file nor a folder")
+    try:
+        classifier = Classifier(args.run_dir, names, args.device)
+    except ModelsUnavailable as exc:
+        raise ValueError(str(exc)) from None
+    out = args.csv.open("w", newline="", encoding="utf-8") if args.csv else sys.stdout
+    writer = csv.writer(out)
+    writer.writerow(
+        [
+            "file",
+            *[f"{n}_{c}" for n in names for c in ("label", "confidence")],
+            "decision",
+            "reason",
+        ]
+    )
+    unreadable: list[tuple[Path, str]] = []
+    counts: dict[str, int] = {}
+    progress = tqdm(total=len(files), unit="image", disable=None, file=sys.stderr)
+    for start in range(0, len(files), args.batch_size):
+        batch, arrays = [], []
+        for path in files[start : start + args.batch_size]:
+            try:
+                arrays.append(classifier.decode(path.read_bytes(), settings.max_image_pixels).array)
+                batch.append(path)
+            except (ImageError, OSError) as exc:
+                unreadable.append((path, str(exc)))
+        if batch:
+            results = classifier.classify(np.stack(arrays))
+            for i, path in enumerate(batch):
+                answers = {}
+                for name in names:
+                    p = results[name][0][i]
+                    answers[name] = (classifier.classes[int(p.argmax())], float(p.max()))
+                d = decide(answers, classifier.thresholds, classifier.good_class)
+                counts[d.action] = counts.get(d.action, 0) + 1
+                cells = [x for label, conf in answers.values() for x in (label, f"{conf:.4f}")]
+                writer.writerow([str(path), *cells, d.action, d.reason])
+        progress.update(min(args.batch_size, len(files) - start))
+    progress.close()
+    if args.csv:
+        out.close()
+    done = ", ".join(f"{n} {a}" for a, n in sorted(counts.items())) or "none"
+    print(f"Classified {sum(counts.values())} image(s): {done}.", file=sys.stderr)
+    for path, why in unreadable:
+        print(f"unreadable: {path}: {why}", file=sys.stderr)
+    return 0 if counts or not files else 2
 
 
 def register_after_train(args: argparse.Namespace, run_dir: Path) -> None:

@@ -54,7 +54,16 @@ EXAMPLE_PREDICTION = {
     "labelled_by": None,
     "labelled_at": None,
     "history": [],
+    "decision": {
+        "action": "review",
+        "reason": "the models disagree (baseline good, maxmin scratch)",
+    },
 }
+
+
+class DecisionPublic(BaseModel):
+    action: str = Field(description="accept, reject, or review (a person decides)")
+    reason: str
 
 
 class PredictionPublic(BaseModel):
@@ -73,6 +82,7 @@ class PredictionPublic(BaseModel):
     labelled_by: str | None = None
     labelled_at: datetime | None = None
     history: list[LabelEventPublic] = []
+    decision: DecisionPublic | None = None
 
 
 class PredictionsPublic(BaseModel):
@@ -115,6 +125,16 @@ class PairedStats(BaseModel):
     mcnemar_p_value: float
 
 
+class DecisionStats(BaseModel):
+    counts: dict[str, int] = Field(description="parts accepted, rejected and sent to review")
+    review_rate: float | None
+    good_class: str | None
+    escape_rate: dict | None = Field(
+        description="labelled defective parts the service accepted as good, with a 95% Wilson "
+        "interval; null without a good class"
+    )
+
+
 class StatsPublic(BaseModel):
     since: datetime | None
     until: datetime | None
@@ -131,6 +151,7 @@ class StatsPublic(BaseModel):
     )
     models: dict[str, ModelStats]
     paired: PairedStats | None
+    decisions: DecisionStats | None = None
 
 
 class RunSummary(BaseModel):

@@ -47,6 +47,9 @@ class Prediction(Base):
     label: Mapped[str | None] = mapped_column(String(200), index=True)
     labelled_by: Mapped[str | None] = mapped_column(String(200))
     labelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # accept, reject or review (inspectlib.decision), and why; None for rows stored before.
+    decision: Mapped[str | None] = mapped_column(String(8), index=True)
+    decision_reason: Mapped[str | None] = mapped_column(String(300))
 
     outputs: Mapped[list[ModelOutput]] = relationship(
         back_populates="prediction", order_by="ModelOutput.model_name", lazy="selectin"

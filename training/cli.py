@@ -106,6 +106,14 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         "passed as good) and false-reject rate (good parts rejected)",
     )
     t.add_argument(
+        "--max-escape-rate",
+        type=float,
+        default=defaults.MAX_ESCAPE_RATE,
+        help="each model's confidence threshold keeps the escape rate (with --good-class) or the "
+        "error rate among accepted parts under this on the validation split; parts below it go "
+        "to an inspector (default: %(default)s)",
+    )
+    t.add_argument(
         "--class-weights",
         choices=("sqrt", "inverse", "none"),
         default="sqrt",
@@ -257,6 +265,8 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
         )
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.max_escape_rate < 1:
+        raise ValueError(f"--max-escape-rate must be from 0 to 1, got {args.max_escape_rate}")
     if args.retries < 0:
         raise ValueError(f"--retries must be 0 or more, got {args.retries}")
     optimizer = args.optimizer or "sgd"
@@ -296,6 +306,7 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
         metric=args.metric,
         good_class=args.good_class,
         max_retries=args.retries,
+        max_escape_rate=args.max_escape_rate,
         norm=args.norm,
     )
     run_dir = run_poc(cfg, on_progress=status.update)

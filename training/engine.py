@@ -90,6 +90,7 @@ class RunResult:
     diverged: str | None = None  # why the run is excluded from the averages, when it is
     extra: dict = field(default_factory=dict)
     val_metric: list[float] = field(default_factory=list)  # cfg.select_metric, per epoch
+    val_prob: np.ndarray | None = None  # the kept weights' probabilities on the validation split
 
 
 class PeakMemory:
@@ -479,8 +480,9 @@ def fit(
         )
     if best_state is not None:
         model.load_state_dict(best_state)
-    # The test set is scored in fp32, as the service runs the models.
+    # The test and validation sets are scored in fp32, as the service runs the models.
     prob = evaluate(model, test_x, mean, std, amp=False)
+    val_prob = evaluate(model, val_x, mean, std, amp=False)
     state = {
         k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
         for k, v in model.state_dict().items()
@@ -498,6 +500,7 @@ def fit(
         peak_memory_bytes=mem.peak,
         diverged=diverged,
         val_metric=val_metric,
+        val_prob=val_prob.numpy(),
         extra={
             "memory_method": mem.method,
             "training_step": step.mode,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from inspectlib import defaults
 from inspectlib.checkpoint import save_checkpoint
+from inspectlib.decision import choose_operating_point, rates_at
 from inspectlib.device import resolve_device
 from inspectlib.stats import mcnemar, mean_std, paired_bootstrap, rate_interval
 from models import create_model, list_models
@@ -87,6 +88,9 @@ class PocConfig:
     metric: str = "auto"  # accuracy, macro_f1, or auto: macro F1 when the classes are skewed
     good_class: str | None = None  # names the defect-free class: escape and false-reject rates
     max_retries: int = defaults.RETRIES
+    # The operating point: each model's confidence threshold keeps this rate on the validation
+    # split, the escape rate with a good class, else the error rate among accepted parts.
+    max_escape_rate: float = defaults.MAX_ESCAPE_RATE
     # Batch normalization after every convolution and the hidden layer, in every model: without
     # it, the hidden layer's units die on faint, skewed data (docs/training.md).
     norm: str = "batch"
@@ -221,6 +225,9 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
     for arch, runs in results.items():
         models_report[arch] = _model_section(
             arch, runs, ds, test_y, meta_common, out, device, cfg.latency_budget_s, metric, good
+        )
+        models_report[arch]["operating_point"] = _operating_point(
+            runs, models_report[arch], ds, test_y, good, cfg.max_escape_rate
         )
         models_report[arch]["recipe"] = recipes[arch]
         models_report[arch]["retries"] = retries[arch]
@@ -469,6 +476,27 @@ def _model_section(
         "checkpoint": deploy["path"] if deploy else None,
         "_test_pred": {r.seed: r.test_pred.tolist() for r in runs if r.diverged is None},
     }
+
+
+def _operating_point(
+    runs: list[RunResult],
+    section: dict,
+    ds: Dataset,
+    test_y: np.ndarray,
+    good: int | None,
+    target: float,
+) -> dict | None:
+    """The deployed checkpoint's confidence threshold, chosen on the validation split, and what it
+    gives on the test split (``inspectlib.decision``)."""
+    path = section["checkpoint"]
+    run = next((r for r in runs if path and path.endswith(f"-seed{r.seed}")), None)
+    if run is None or run.val_prob is None:
+        return None
+    val_y = ds.labels[torch.as_tensor(ds.indices("val"))].numpy()
+    point = choose_operating_point(run.val_prob, val_y, target, good)
+    point["test"] = rates_at(run.test_prob, test_y, point["threshold"], good)
+    point["seed"] = run.seed
+    return point
 
 
 def _plant_rates(runs: list[RunResult], test_y: np.ndarray, good: int | None) -> dict[str, Any]:

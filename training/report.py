@@ -63,6 +63,31 @@ def confusion_chart(name: str, matrix: list[list[int]], classes: list[str]) -> s
     return svg(fig)
 
 
+def operating_chart(report: dict[str, Any]) -> str | None:
+    """Per model: the share of parts sent to review against the rate the threshold bounds, over
+    the thresholds, with the chosen point marked (validation split)."""
+    points = {n: m.get("operating_point") for n, m in report["models"].items()}
+    points = {n: p for n, p in points.items() if p}
+    if not points:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6, 3.4))
+    kind = next(iter(points.values()))["kind"]
+    for name, p in points.items():
+        xs = [c["review_rate"] * 100 for c in p["curve"]]
+        ys = [c["rate"] * 100 for c in p["curve"]]
+        ax.plot(xs, ys, color=COLORS.get(name), label=name)
+        v = p["validation"]
+        ax.plot(v["review_rate"] * 100, v["rate"] * 100, "o", color=COLORS.get(name), ms=8)
+    target = next(iter(points.values()))["target"] * 100
+    ax.axhline(target, color="grey", ls="--", lw=1)
+    ax.set_xlabel("parts sent to review (%)")
+    ax.set_ylabel(f"{kind.replace('_', ' ')} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Operating point (validation split; dot: chosen, dashed: target)")
+    return svg(fig)
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The report page as one HTML string."""
     env = Environment(loader=PackageLoader("training", "templates"), autoescape=select_autoescape())
@@ -71,6 +96,7 @@ def render_html(report: dict[str, Any]) -> str:
     charts = {
         "cost": accuracy_cost_chart(report),
         "curves": curves_chart(report),
+        "operating": operating_chart(report),
         "confusion": {
             name: confusion_chart(name, m["confusion_matrix"], report["dataset"]["classes"])
             for name, m in report["models"].items()

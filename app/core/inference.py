@@ -93,6 +93,14 @@ class ServedRun:
                     raise ModelsUnavailable(f"models {names} disagree on {key}; serve one run")
         self.classes: list[str] = first["classes"]
         self.preprocess: Preprocess = preprocess_of(first)
+        # The operating point (inspectlib.decision): each model's confidence threshold, chosen at
+        # training time; runs trained before it have none, and then only disagreement goes to
+        # review.
+        self.thresholds: dict[str, float | None] = {
+            name: (report["models"][name].get("operating_point") or {}).get("threshold")
+            for name in names
+        }
+        self.good_class: str | None = (report.get("metric") or {}).get("good_class")
         self.run_name = self.run_dir.name
         self.batcher = None  # the micro-batcher feeding these models, set by the service
 

@@ -136,3 +136,34 @@ def compute_stats(
         "models": per_model,
         "paired": paired,
     }
+
+
+def decision_stats(
+    session: Session,
+    since: datetime | None,
+    until: datetime | None,
+    versions: dict[str, str] | None,
+    good_class: str | None,
+) -> dict:
+    """The operating point on the line: how often parts went to review, and, on the parts
+    inspectors labelled, how many defective ones the service accepted as good (the escape rate,
+    with a Wilson interval) when the good class is known."""
+    f = PredictionFilter(since=since, until=until, versions=versions)
+    rows = session.execute(
+        filtered_query(select(Prediction.decision, Prediction.label), f).where(
+            Prediction.decision.is_not(None)
+        )
+    ).all()
+    counts = {a: sum(1 for d, _ in rows if d == a) for a in ("accept", "reject", "review")}
+    decided = sum(counts.values())
+    escape = None
+    if good_class is not None:
+        defective = [d for d, label in rows if label is not None and label != good_class]
+        escape = _wilson(sum(1 for d in defective if d == "accept"), len(defective))
+        escape["labelled_defective"] = len(defective)
+    return {
+        "counts": counts,
+        "review_rate": counts["review"] / decided if decided else None,
+        "good_class": good_class,
+        "escape_rate": escape,
+    }

@@ -45,6 +45,7 @@ class PredictionFilter:
     labelled: bool | None = None
     disagree: bool | None = None
     predicted: str | None = None
+    decision: str | None = None  # accept, reject or review
     # Only predictions made by exactly these model versions (name -> version), when given.
     versions: dict[str, str] | None = None
 
@@ -62,6 +63,8 @@ def filtered_query(query: Select, f: PredictionFilter) -> Select:
         query = query.where(
             Prediction.label.is_not(None) if f.labelled else Prediction.label.is_(None)
         )
+    if f.decision is not None:
+        query = query.where(Prediction.decision == f.decision)
     if f.disagree is not None:
         query = query.where(Prediction.agree.is_(not f.disagree))
     if f.predicted is not None:
@@ -76,13 +79,13 @@ def filtered_query(query: Select, f: PredictionFilter) -> Select:
 
 
 def list_predictions(
-    session: Session, f: PredictionFilter, skip: int, limit: int
+    session: Session, f: PredictionFilter, skip: int, limit: int, oldest_first: bool = False
 ) -> tuple[list[Prediction], int]:
-    """Newest first, with the total count that matches the filters."""
+    """Newest first (the review queue: oldest first), with the total count that matches."""
     count = session.execute(filtered_query(select(func.count(Prediction.id)), f)).scalar_one()
     query = (
         filtered_query(select(Prediction), f)
-        .order_by(Prediction.id.desc())
+        .order_by(Prediction.id.asc() if oldest_first else Prediction.id.desc())
         .offset(skip)
         .limit(limit)
     )

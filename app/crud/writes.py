@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.core.storage import ImageStore
 from app.tables import ModelOutput, Prediction, StoredImage, utcnow
+from inspectlib.decision import Decision
 
 
 @dataclass
@@ -52,6 +53,8 @@ class StoredPrediction:
     labelled_by: str | None = None
     labelled_at: datetime | None = None
     history: list = field(default_factory=list)
+    decision: str | None = None
+    decision_reason: str | None = None
 
 
 @functools.cache
@@ -88,6 +91,7 @@ class PredictionBatch:
     classes: list[str]
     source: str | None
     part_id: str | None
+    decisions: list[Decision] | None = None  # one per item, when the service decided
 
 
 def _stage(
@@ -117,7 +121,8 @@ def _stage(
     put_images, put_predictions, put_outputs = _group_statements(conn.dialect.name)
     store.put_many({i.sha256: i.data for b in batches for i, _ in b.items}, created)
     for batch in batches:
-        for image, outs in batch.items:
+        for i, (image, outs) in enumerate(batch.items):
+            decision = batch.decisions[i] if batch.decisions else None
             images.setdefault(
                 image.sha256,
                 {
@@ -138,6 +143,8 @@ def _stage(
                     "classes": batch.classes,
                     "agree": len({o.label for o in outs}) == 1,
                     "created_at": now,
+                    "decision": decision.action if decision else None,
+                    "decision_reason": decision.reason[:300] if decision else None,
                 }
             )
             outputs.append(outs)
@@ -173,6 +180,8 @@ def _stage(
                     filename=row["filename"],
                     agree=row["agree"],
                     outputs=outputs[k],
+                    decision=row["decision"],
+                    decision_reason=row["decision_reason"],
                 )
             )
             k += 1

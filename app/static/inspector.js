@@ -5,7 +5,9 @@
   const camera = document.getElementById("camera");
   const status = document.getElementById("status");
   const results = document.getElementById("results");
-  const { classes, models } = window.INSPECT;
+  const { classes, models, queue } = window.INSPECT;
+  const queueBox = document.getElementById("queue");
+  const queueCount = document.getElementById("queue-count");
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
 
   function el(tag, attrs, text) {
@@ -41,7 +43,7 @@
     payload.data.forEach(render);
   }
 
-  function render(pred) {
+  function render(pred, where = results, onLabelled = null) {
     const card = el("div", { class: "card", "data-prediction": pred.id });
     card.appendChild(el("img", { src: pred.image_url, alt: pred.filename || `part ${pred.id}` }));
     const right = el("div");
@@ -58,21 +60,25 @@
     right.appendChild(answers);
     right.appendChild(el("p", { class: pred.agree ? "agree" : "disagree" },
       pred.agree ? "The models agree." : "The models disagree: please check this part."));
+    if (pred.decision) {
+      right.appendChild(el("p", { class: `decision ${pred.decision.action}` },
+        `Decision: ${pred.decision.action} (${pred.decision.reason})`));
+    }
     const labels = el("div", { class: "labels" });
     const predicted = new Set(Object.values(pred.results).map((r) => r.label));
     for (const c of classes) {
       const b = el("button", { type: "button", "data-label": c, class: predicted.has(c) ? "predicted" : "" }, c);
-      b.addEventListener("click", () => label(pred.id, c, labels, done));
+      b.addEventListener("click", () => label(pred.id, c, labels, done, onLabelled));
       labels.appendChild(b);
     }
     right.appendChild(labels);
     const done = el("p", { class: "label-status" });
     right.appendChild(done);
     card.appendChild(right);
-    results.prepend(card);
+    if (where === results) where.prepend(card); else where.appendChild(card);
   }
 
-  async function label(id, value, labels, done) {
+  async function label(id, value, labels, done, onLabelled) {
     const res = await fetch(`/predictions/${id}/label`, {
       method: "PUT",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
@@ -81,8 +87,15 @@
     });
     const payload = await res.json().catch(() => ({}));
     if (!res.ok) { done.textContent = `Not saved: ${payload.detail || res.statusText}`; return; }
+    const first = !labels.querySelector("button.chosen");
     labels.querySelectorAll("button").forEach((b) => b.classList.toggle("chosen", b.dataset.label === value));
     done.textContent = `Labelled ${value}.`;
+    if (first && onLabelled) onLabelled();
+  }
+
+  // The review queue: labelling a part takes it off the count.
+  for (const pred of queue) {
+    render(pred, queueBox, () => { queueCount.textContent = Math.max(0, Number(queueCount.textContent) - 1); });
   }
 
   form.addEventListener("submit", (e) => { e.preventDefault(); send(files.files); });

@@ -21,7 +21,7 @@ from app.core.security import (
     start_session,
 )
 from app.core.training_jobs import list_datasets
-from app.crud.live_ab import compute_stats, served_versions
+from app.crud.live_ab import compute_stats, decision_stats, served_versions
 from app.crud.predictions import PredictionFilter, list_predictions
 from app.crud.runs import list_runs
 from app.schemas import TrainingRequest
@@ -119,12 +119,16 @@ def inspector_page(request: Request, session: SessionDep) -> Response:
     if not isinstance(who, Principal):
         return who
     recent, _ = list_predictions(session, PredictionFilter(labelled=True), 0, 10)
+    waiting = PredictionFilter(decision="review", labelled=False)
+    queue, queue_count = list_predictions(session, waiting, 0, 20, oldest_first=True)
     return templates.TemplateResponse(
         request,
         "inspector.html",
         {
             **_served(request),
             "recent": [to_public(p) for p in recent],
+            "queue": [to_public(p).model_dump(mode="json") for p in queue],
+            "queue_count": queue_count,
             "who": who,
             "csrf": csrf_token(request),
         },
@@ -149,6 +153,9 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
             list(classifier.models),
             classifier.classes,
             served_versions(classifier),
+        )
+        stats["decisions"] = decision_stats(
+            session, None, None, served_versions(classifier), classifier.good_class
         )
     disagreements, _ = list_predictions(session, PredictionFilter(disagree=True), 0, 12)
     return templates.TemplateResponse(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -35,6 +35,7 @@ from app.crud.predictions import PredictionFilter, get_prediction, list_predicti
 from app.crud.writes import NewImage, NewOutput, PredictionBatch, StoredPrediction
 from app.schemas import LabelUpdate, PredictionPublic, PredictionsPublic
 from app.tables import Prediction
+from inspectlib.decision import decide
 from inspectlib.imaging import ImageError, ImageTooLarge, UnsupportedFormat
 
 router = APIRouter(tags=["predictions"])
@@ -93,6 +94,11 @@ def to_public(pred: Prediction | StoredPrediction) -> PredictionPublic:
             {"label": e.label, "labelled_by": e.labelled_by, "created_at": as_utc(e.created_at)}
             for e in pred.history
         ],
+        decision=(
+            {"action": pred.decision, "reason": pred.decision_reason or ""}
+            if pred.decision
+            else None
+        ),
     )
 
 
@@ -301,7 +307,15 @@ async def create_prediction(
     t3 = time.perf_counter()
     items = _build_items(classifier, uploads, decoded, result)
     _count(request.app.state.metrics, items, result)
-    batch = PredictionBatch(items, classifier.classes, source, part_id)
+    decisions = [
+        decide(
+            {o.model_name: (o.label, o.confidence) for o in outputs},
+            classifier.thresholds,
+            classifier.good_class,
+        )
+        for _, outputs in items
+    ]
+    batch = PredictionBatch(items, classifier.classes, source, part_id, decisions)
     try:
         written = await asyncio.wrap_future(request.app.state.writer.submit(batch))
     except WriterUnavailable as exc:
@@ -347,13 +361,19 @@ def read_predictions(
     labelled: bool | None = None,
     disagree: Annotated[bool | None, Query(description="only where the models disagree")] = None,
     predicted: Annotated[str | None, Query(description="a class any model predicted")] = None,
+    decision: Annotated[
+        Literal["accept", "reject", "review"] | None, Query(description="the service's decision")
+    ] = None,
+    oldest_first: Annotated[bool, Query(description="the review queue's order")] = False,
     skip: Annotated[int, Query(ge=0, le=10**9)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> PredictionsPublic:
-    """Newest first; filter by time, source, labelled or not, disagreement, predicted class."""
-    f = PredictionFilter(since, until, source, labelled, disagree, predicted)
+    """Newest first; filter by time, source, labelled or not, disagreement, predicted class and
+    decision. The review queue: ``decision=review&labelled=false&oldest_first=true``."""
+    f = PredictionFilter(since, until, source, labelled, disagree, predicted, decision)
     try:
-        rows, count = list_predictions(session, f, skip, min(limit, settings.page_size_max))
+        limit = min(limit, settings.page_size_max)
+        rows, count = list_predictions(session, f, skip, limit, oldest_first)
     except InvalidFilter as exc:
         raise HTTPException(422, detail=str(exc)) from None
     return PredictionsPublic(data=[to_public(p) for p in rows], count=count)

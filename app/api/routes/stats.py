@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from app.api.deps import ClassifierDep, ManagerDep, SessionDep, SettingsDep
 from app.crud.errors import InvalidFilter
-from app.crud.live_ab import compute_stats, served_versions
+from app.crud.live_ab import compute_stats, decision_stats, served_versions
 from app.schemas import StatsPublic
 
 router = APIRouter(tags=["stats"])
@@ -34,7 +34,8 @@ def read_stats(
     versions = served_versions(classifier) if scope == "served" else None
     try:
         return StatsPublic(
-            **compute_stats(session, since, until, names, classifier.classes, versions)
+            **compute_stats(session, since, until, names, classifier.classes, versions),
+            decisions=decision_stats(session, since, until, versions, classifier.good_class),
         )
     except InvalidFilter as exc:
         raise HTTPException(422, detail=str(exc)) from None

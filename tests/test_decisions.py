@@ -1,0 +1,147 @@
+"""The operating point: each model's threshold chosen on the validation split, the decision per
+part in /predict and in `maxmin-inspect predict`, and the review queue's query."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inspectlib.decision import NEVER, choose_operating_point, decide, rates_at
+from maxmin_inspect.main import main
+from tests.helpers import png_bytes
+
+
+def test_the_threshold_is_the_lowest_that_keeps_the_escape_rate() -> None:
+    # Class 0 is good. Two defective parts (label 1) are predicted good: one at 0.6, one at 0.8.
+    prob = np.array([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7], [0.95, 0.05], [0.2, 0.8]])
+    y = np.array([0, 1, 1, 1, 0, 1])
+    point = choose_operating_point(prob, y, target=0.0, good=0)
+    assert point["kind"] == "escape_rate" and point["threshold"] == pytest.approx(0.9)
+    assert point["validation"] == {"review_rate": pytest.approx(4 / 6), "rate": 0.0}
+    loose = choose_operating_point(prob, y, target=0.25, good=0)  # one escape in four allowed
+    assert loose["threshold"] == pytest.approx(0.7)
+    assert rates_at(prob, y, 0.0, 0) == {"review_rate": 0.0, "rate": 0.5}
+    curve = [c["review_rate"] for c in point["curve"]]
+    assert curve == sorted(curve)  # a higher threshold never reviews fewer parts
+    never = choose_operating_point(np.array([[0.9, 0.1]]), np.array([1]), 0.0, good=0)
+    assert never["threshold"] == NEVER  # no threshold keeps it: every part to review
+    errors = choose_operating_point(prob, y, target=0.0, good=None)
+    assert errors["kind"] == "error_rate" and errors["threshold"] == pytest.approx(0.9)
+
+
+def test_the_decision_rule() -> None:
+    t = {"baseline": 0.8, "maxmin": 0.7}
+    assert decide({"baseline": ("good", 0.9), "maxmin": ("good", 0.95)}, t, "good").action == (
+        "accept"
+    )
+    d = decide({"baseline": ("dent", 0.9), "maxmin": ("dent", 0.75)}, t, "good")
+    assert d.action == "reject" and "dent" in d.reason
+    d = decide({"baseline": ("dent", 0.9), "maxmin": ("good", 0.99)}, t, "good")
+    assert d.action == "review" and "disagree" in d.reason
+    d = decide({"baseline": ("good", 0.79), "maxmin": ("good", 0.99)}, t, "good")
+    assert d.action == "review" and "baseline 0.79 < 0.80" in d.reason
+    no_point = {"baseline": None, "maxmin": None}
+    assert decide({"baseline": ("dent", 0.1), "maxmin": ("dent", 0.2)}, no_point, None).action == (
+        "accept"
+    )
+
+
+def test_every_run_reports_its_operating_point(trained_run: Path) -> None:
+    report = json.loads((trained_run / "report.json").read_text())
+    for m in report["models"].values():
+        p = m["operating_point"]
+        assert p["kind"] == "error_rate" and 0 <= p["threshold"] <= NEVER
+        assert p["validation"]["rate"] <= p["target"] or p["threshold"] == NEVER
+        assert {"review_rate", "rate"} <= set(p["test"]) and len(p["curve"]) == 41
+    html = (trained_run / "report.html").read_text()
+    assert 'id="operating"' in html and "Operating point" in html
+
+
+def _run_with(trained_run: Path, tmp_path: Path, thresholds: dict, good: str | None) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    report = json.loads((run / "report.json").read_text())
+    for name, t in thresholds.items():
+        report["models"][name]["operating_point"]["threshold"] = t
+    report["metric"]["good_class"] = good
+    (run / "report.json").write_text(json.dumps(report))
+    return run
+
+
+def test_predict_answers_with_a_decision_and_the_queue_finds_it(
+    trained_run: Path,
+    tmp_path: Path,
+    db_url: str,
+    service_client,  # noqa: ANN001
+) -> None:
+    unsure = _run_with(trained_run, tmp_path, {"baseline": 0.0, "maxmin": NEVER}, "good")
+    with service_client(unsure, db_url=db_url) as client:
+        ids = []
+        for seed in (1, 2, 3):
+            r = client.post("/predict", files=[("files", ("p.png", png_bytes(seed), "image/png"))])
+            assert r.status_code == 200, r.text
+            made = r.json()["data"][0]
+            assert made["decision"]["action"] == "review", made["decision"]
+            assert "maxmin" in made["decision"]["reason"]
+            ids.append(made["id"])
+        queue = client.get(
+            "/predictions", params={"decision": "review", "labelled": False, "oldest_first": True}
+        ).json()
+        assert queue["count"] == 3 and [p["id"] for p in queue["data"]] == ids  # oldest first
+        assert client.put(f"/predictions/{ids[0]}/label", json={"label": "good"}).status_code == 200
+        left = client.get("/predictions", params={"decision": "review", "labelled": False}).json()
+        assert left["count"] == 2
+        assert client.get("/predictions", params={"decision": "maybe"}).status_code == 422
+        assert client.get(f"/predictions/{ids[1]}").json()["decision"]["action"] == "review"
+        page = client.get("/")  # the inspector page opens on the queue, with its count
+        assert '<span id="queue-count">2</span>' in page.text
+        assert page.text.index('id="queue"') < page.text.index('id="upload"')
+        assert f'"id": {ids[1]}' in page.text and f'"id": {ids[0]}' not in page.text
+        assert client.put(f"/predictions/{ids[1]}/label", json={"label": "dent"}).status_code == 200
+        d = client.get("/stats").json()["decisions"]
+        assert d["counts"] == {"accept": 0, "reject": 0, "review": 3} and d["review_rate"] == 1.0
+        # The labelled dent was sent to review, not accepted: no escape, out of one defective.
+        assert d["escape_rate"]["value"] == 0.0 and d["escape_rate"]["labelled_defective"] == 1
+        assert "3 sent to review (100.0%)" in client.get("/dashboard").text
+
+
+def test_confident_parts_are_accepted_or_rejected(
+    trained_run: Path,
+    tmp_path: Path,
+    service_client,  # noqa: ANN001
+) -> None:
+    sure = _run_with(trained_run, tmp_path, {"baseline": 0.0, "maxmin": 0.0}, "good")
+    with service_client(sure) as client:
+        for seed in range(6):
+            made = client.post(
+                "/predict", files=[("files", ("p.png", png_bytes(seed), "image/png"))]
+            ).json()["data"][0]
+            labels = {r["label"] for r in made["results"].values()}
+            want = "review" if len(labels) > 1 else "accept" if labels == {"good"} else "reject"
+            assert made["decision"]["action"] == want, made
+
+
+def test_batch_prediction_from_the_command_line(trained_run: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    folder = tmp_path / "stills" / "line3"
+    folder.mkdir(parents=True)
+    for i in range(5):
+        (folder / f"part{i}.png").write_bytes(png_bytes(i))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "notes.txt").write_text("not an image type: not even tried")
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(trained_run), str(tmp_path / "stills"), "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [Path(r["file"]).name for r in rows] == [f"part{i}.png" for i in range(5)]
+    assert set(rows[0]) == {
+        "file", "baseline_label", "baseline_confidence", "maxmin_label", "maxmin_confidence",
+        "decision", "reason",
+    }  # fmt: skip
+    assert all(r["decision"] in ("accept", "reject", "review") for r in rows)
+    err = capsys.readouterr().err
+    assert "Classified 5 image(s)" in err and "unreadable:" in err and "broken.jpg" in err
+    assert main(["predict", str(trained_run), str(tmp_path / "missing")]) == 2
