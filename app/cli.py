@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from inspectlib.commands import positive_int
@@ -80,13 +81,75 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     )
     pr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     pr.add_argument("--batch-size", type=positive_int, default=64)
+    ex = sub.add_parser(
+        "export-labels",
+        help="write the parts inspectors labelled as a training folder",
+        description="Copy every labelled image once (the latest label wins) into OUT/<label>/, "
+        "with OUT/labels.csv listing each file, its label, who labelled it and when, and which "
+        "model versions classified it. `maxmin-inspect train OUT` trains on the folder, "
+        "`train OUT/labels.csv` on the manifest.",
+    )
+    ex.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    ex.add_argument("--since", type=datetime.fromisoformat, default=None, help="labelled since")
+    ex.add_argument("--source", default=None, help="only parts from this line or station")
     return {
+        "export-labels": _export_labels,
         "db": _db,
         "serve": _serve,
         "keys": _keys,
         "import-run": _import_run,
         "predict": _predict,
     }
+
+
+def _export_labels(args: argparse.Namespace) -> int:
+    import csv
+    import json
+    import re
+    import shutil
+
+    from app.core.config import Settings
+    from app.core.db import command_session
+    from app.core.storage import ImageStore
+    from app.crud.exports import labelled_images
+
+    settings = Settings()
+    out: Path = args.out
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty: export into a new folder")
+    store = ImageStore(settings.images_dir, settings.image_sync)
+    with command_session(settings.db_url) as session:
+        rows = labelled_images(session, args.since, args.source)
+    suffix = {"image/png": ".png", "image/bmp": ".bmp", "image/tiff": ".tif"}
+    written, missing = [], []
+    for r in rows:
+        src = store.path(r.sha256)
+        if not src.is_file():
+            missing.append(r.sha256)
+            continue
+        folder = re.sub(r"[^A-Za-z0-9._ -]", "_", r.label).strip(". ") or "_"
+        dst = out / folder / f"{r.sha256}{suffix.get(r.content_type, '.jpg')}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        written.append((dst, r))
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            ["path", "label", "sha256", "labelled_by", "labelled_at", "prediction_id", "source",
+             "part_id", "model_versions"]
+        )  # fmt: skip
+        for dst, r in written:
+            w.writerow(
+                [dst.relative_to(out).as_posix(), r.label, r.sha256, r.labelled_by or "",
+                 r.labelled_at.isoformat() if r.labelled_at else "", r.prediction_id,
+                 r.source or "", r.part_id or "", json.dumps(r.model_versions, sort_keys=True)]
+            )  # fmt: skip
+    labels = sorted({r.label for _, r in written})
+    print(f"Exported {len(written)} labelled image(s) in {len(labels)} class(es) to {out}.")
+    if missing:
+        print(f"warning: {len(missing)} image file(s) missing from the store", file=sys.stderr)
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:

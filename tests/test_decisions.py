@@ -145,3 +145,51 @@ def test_batch_prediction_from_the_command_line(trained_run: Path, tmp_path: Pat
     err = capsys.readouterr().err
     assert "Classified 5 image(s)" in err and "unreadable:" in err and "broken.jpg" in err
     assert main(["predict", str(trained_run), str(tmp_path / "missing")]) == 2
+
+
+def test_labelled_parts_are_exported_as_training_data(
+    trained_run: Path,
+    tmp_path: Path,
+    service_client,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'labels.db'}"
+    with service_client(trained_run, db_url=url) as client:
+        data_dir = client.app.state.settings.data_dir
+        ids = {}
+        for seed in range(4):
+            r = client.post(
+                "/predict", files=[("files", (f"{seed}.png", png_bytes(seed), "image/png"))]
+            )
+            ids[seed] = r.json()["data"][0]["id"]
+        again = client.post("/predict", files=[("files", ("0b.png", png_bytes(0), "image/png"))])
+        ids["again"] = again.json()["data"][0]["id"]  # the same image as seed 0, uploaded again
+        for key, label in (
+            (0, "good"),
+            (1, "dent"),
+            (1, "scratch"),
+            (2, "good"),
+            ("again", "dent"),
+        ):
+            assert (
+                client.put(f"/predictions/{ids[key]}/label", json={"label": label}).status_code
+                == 200
+            )
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("MAXMIN_DATA_DIR", str(data_dir))
+    out = tmp_path / "inspected"
+    assert main(["export-labels", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "labels.csv").open()))
+    by_id = {int(r["prediction_id"]): r for r in rows}
+    # Seed 0's image once, with its latest label (the re-upload's); seed 1's correction wins;
+    # seed 3 was never labelled.
+    assert set(by_id) == {ids[1], ids[2], ids["again"]}
+    assert by_id[ids["again"]]["label"] == "dent" and by_id[ids[1]]["label"] == "scratch"
+    assert all((out / r["path"]).is_file() and r["path"].startswith(r["label"] + "/") for r in rows)
+    assert all(json.loads(r["model_versions"]).keys() == {"baseline", "maxmin"} for r in rows)
+    assert main(["export-labels", "--out", str(out)]) == 2  # never into a folder with files
+
+    from inspectlib.datasets import scan_source
+
+    entries, _ = scan_source(out / "labels.csv")
+    assert sorted(e.label for e in entries) == ["dent", "good", "scratch"]
