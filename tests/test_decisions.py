@@ -108,6 +108,7 @@ def test_predict_answers_with_a_decision_and_the_queue_finds_it(
         # The labelled dent was sent to review, not accepted: no escape, out of one defective.
         assert d["escape_rate"]["value"] == 0.0 and d["escape_rate"]["labelled_defective"] == 1
         assert "3 sent to review (100.0%)" in client.get("/dashboard").text
+        assert 'maxmin_decisions_total{action="review"} 3.0' in client.get("/metrics").text
 
 
 def test_confident_parts_are_accepted_or_rejected(

@@ -66,6 +66,12 @@ class Metrics:
         self.disagreements = Counter(
             "maxmin_disagreements", "Images the A/B models disagree on", registry=self.registry
         )
+        self.decisions = Counter(
+            "maxmin_decisions",
+            "Parts accepted, rejected, or sent to review",
+            ["action"],
+            registry=self.registry,
+        )
         self.model_restarts = model_restarts_counter(self.registry)
         self.writer_restarts = Counter(
             "maxmin_writer_process_restarts",

@@ -208,9 +208,11 @@ def _decode_all(
     return decoded
 
 
-def _count(metrics, items: list, result: BatchResult) -> None:  # noqa: ANN001
-    """Per-model latency, predictions per class, disagreements, batch sizes."""
+def _count(metrics, items: list, result: BatchResult, decisions: list) -> None:  # noqa: ANN001
+    """Per-model latency, predictions per class, disagreements, decisions, batch sizes."""
     metrics.batch_size.observe(result.batch_size)
+    for d in decisions:
+        metrics.decisions.labels(d.action).inc()
     for _, outputs in items:
         for o in outputs:
             metrics.predictions.labels(o.model_name, o.label).inc()
@@ -306,7 +308,6 @@ async def create_prediction(
         ) from None
     t3 = time.perf_counter()
     items = _build_items(classifier, uploads, decoded, result)
-    _count(request.app.state.metrics, items, result)
     decisions = [
         decide(
             {o.model_name: (o.label, o.confidence) for o in outputs},
@@ -315,6 +316,7 @@ async def create_prediction(
         )
         for _, outputs in items
     ]
+    _count(request.app.state.metrics, items, result, decisions)
     batch = PredictionBatch(items, classifier.classes, source, part_id, decisions)
     try:
         written = await asyncio.wrap_future(request.app.state.writer.submit(batch))
