@@ -6,6 +6,7 @@ Playwright. CI installs Chromium and sets MAXMIN_REQUIRE_BROWSER=1: there a miss
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.core.db import make_engine, session_factory, upgrade
@@ -24,6 +26,9 @@ from tests.helpers import (
     png_bytes,
     wait_until_ready,
     write_folder,
+)
+from tests.helpers import (
+    server as run_server,
 )
 
 CHROMIUM_ARGS = [
@@ -173,5 +178,54 @@ def test_the_engineer_trains_from_the_page_and_opens_the_report(
             rows.nth(1).locator("button.serve").click()  # and back to the first one
             expect(rows.nth(1).locator(".serving")).to_be_visible(timeout=30_000)
             expect(rows.first.locator("button.serve")).to_be_visible()
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def unsure_server(trained_run: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The service on a copy of the trained run whose MaxMin threshold no answer reaches: every
+    part goes to review."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    report = json.loads((run / "report.json").read_text())
+    report["models"]["maxmin"]["operating_point"]["threshold"] = 1.01
+    (run / "report.json").write_text(json.dumps(report))
+    port = free_port()
+    url = f"sqlite:///{tmp_path / 'maxmin.db'}"
+    with run_server(url, run, tmp_path / "var", port) as (key, _):
+        yield f"http://127.0.0.1:{port}", key
+
+
+def test_the_inspector_works_through_the_review_queue(unsure_server: tuple[str, str]) -> None:
+    executable = _chromium()
+    base, key = unsure_server
+    from playwright.sync_api import expect, sync_playwright
+
+    for seed in (7, 8):  # a line system's parts, both unsure
+        r = httpx.post(
+            f"{base}/predict",
+            files=[("files", (f"{seed}.png", png_bytes(seed), "image/png"))],
+            headers={"X-API-Key": key},
+            timeout=30,
+        )
+        assert r.json()["data"][0]["decision"]["action"] == "review"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{base}/login")
+            page.fill("#key", key)
+            page.click("#login-button")
+            expect(page).to_have_url(f"{base}/")
+            expect(page.locator("#queue-count")).to_have_text("2")
+            first = page.locator("#queue .card").first
+            expect(first.locator(".decision")).to_contain_text("review")
+            first.locator("button[data-label='dent']").click()
+            expect(first.locator(".label-status")).to_have_text("Labelled dent.")
+            expect(page.locator("#queue-count")).to_have_text("1")
+            page.reload()  # labelled parts leave the queue for good
+            expect(page.locator("#queue-count")).to_have_text("1")
+            expect(page.locator("#queue .card")).to_have_count(1)
         finally:
             browser.close()

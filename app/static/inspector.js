@@ -40,7 +40,7 @@
       return;
     }
     status.textContent = `${payload.count} image(s) classified. Confirm or correct each label.`;
-    payload.data.forEach(render);
+    payload.data.forEach((pred) => render(pred));
   }
 
   function render(pred, where = results, onLabelled = null) {
