@@ -234,8 +234,10 @@ def register_after_train(args: argparse.Namespace, run_dir: Path) -> None:
 
     try:
         with command_session(Settings().db_url) as session:
-            run = register_run(session, run_dir)
+            run = register_run(session, run_dir, actor="maxmin-inspect train")
             print(f"Registered as report {run.id} in the service's database.")
+            if run.challenger_since is not None:
+                print("It runs in shadow as the challenger until an admin promotes it.")
     except (SQLAlchemyError, OSError) as exc:
         print(
             f"warning: run not registered in the database ({exc.__class__.__name__}: {exc}); "
@@ -327,7 +329,7 @@ def _model_host(settings, workers: int):  # noqa: ANN001, ANN202
 
     from app.core.db import make_engine, session_factory
     from app.core.model_host import ModelHost
-    from app.core.model_process import ModelProcessFailed
+    from app.core.model_process import ModelProcessFailed, ModelsToLoad
     from app.core.observability import model_restarts_counter
     from app.core.serving import find_run_dir
 
@@ -342,14 +344,10 @@ def _model_host(settings, workers: int):  # noqa: ANN001, ANN202
     # Counted here, in the serve command; /metrics sums it with the workers' counts.
     restarts = model_restarts_counter(CollectorRegistry()).labels("shared")
     try:
-        host = ModelHost(
-            run_dir,
-            settings.ab_models,
-            settings.device,
-            threads,
-            on_restart=restarts.inc,
-            parallel=settings.parallel_models,
+        models = ModelsToLoad(
+            run_dir, tuple(settings.ab_models), settings.device, threads, settings.parallel_models
         )
+        host = ModelHost(models, on_restart=restarts.inc)
     except ModelProcessFailed as exc:
         print(
             f"warning: no shared model process ({exc}); each worker loads its own", file=sys.stderr
@@ -418,11 +416,13 @@ def _import_run(args: argparse.Namespace) -> int:
 
     try:
         with command_session(Settings().db_url) as session:
-            run = register_run(session, args.run_dir)
+            run = register_run(session, args.run_dir, actor="maxmin-inspect import-run")
             print(f"Registered {run.run_dir} as report {run.id}.")
             if args.serve:
-                choose_to_serve(session, run)
+                choose_to_serve(session, run, actor="maxmin-inspect import-run --serve")
                 print("The service serves its models from now on.")
+            elif run.challenger_since is not None:
+                print("It runs in shadow as the challenger until an admin promotes it.")
     except NotFound as exc:
         raise FileNotFoundError(str(exc)) from None
     return 0

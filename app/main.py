@@ -26,6 +26,7 @@ from app.api.routes import (
     pages,
     predictions,
     reports,
+    runs,
     stats,
     training,
 )
@@ -69,6 +70,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings, app.state.sessions, app.state.metrics.model_restarts.labels("worker").inc
     )
     app.state.models = models
+    # The challenger run's models, in shadow (nothing loaded while there is no challenger).
+    shadow = ServedModels(
+        settings,
+        app.state.sessions,
+        app.state.metrics.model_restarts.labels("shadow").inc,
+        role="challenger",
+    )
+    app.state.shadow = shadow
     # The writer process (when on) starts while the models load.
     if _writer_in_process(settings):
         writer = WriterProcess(
@@ -83,26 +92,33 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         writer = GroupWriter(app.state.sessions, app.state.store, write_lock=lock)
     try:
         models.load()
+        shadow.load()
         if isinstance(writer, WriterProcess):
             writer.wait_ready()
     except BaseException:
         writer.close()
+        shadow.close()
+        models.close()
         raise
     app.state.writer = writer
     app.state.decode_pool = ThreadPoolExecutor(settings.core_share, thread_name_prefix="decode")
     app.state.decode_budget = PixelBudget(settings.decode_budget_pixels)
-    follower = None
+    followers = []
     # With MAXMIN_RUN_DIR set, the follower only loads that run again if it failed to load.
     if settings.reload_seconds > 0:
-        follower = asyncio.create_task(models.follow_forever(settings.reload_seconds))
+        followers = [
+            asyncio.create_task(served.follow_forever(settings.reload_seconds))
+            for served in (models, shadow)
+        ]
     # Everything loaded so far lives as long as the service: keep it out of the garbage
     # collector's full passes, which otherwise walk every object of torch, SQLAlchemy and FastAPI
     # and stall every request while they run (bench/gc_bench.py measures a pass).
     gc.collect()
     gc.freeze()
     yield
-    if follower is not None:
+    for follower in followers:
         follower.cancel()
+    shadow.close()
     models.close()
     app.state.writer.close()
     app.state.decode_pool.shutdown(wait=True)
@@ -157,7 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.add_middleware(ObserveMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
-    for module in (health, metrics, predictions, images, stats, reports, training, pages):
+    for module in (health, metrics, predictions, images, stats, reports, runs, training, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     if settings.api_docs:

@@ -161,6 +161,9 @@ class RunSummary(BaseModel):
     registered_at: datetime
     served_at: datetime | None = Field(description="when an admin chose to serve it")
     serving: bool = Field(description="its models are the ones this service answers with")
+    challenger_since: datetime | None = Field(
+        default=None, description="since when it answers in shadow as the challenger"
+    )
     verdict: str
     model_versions: dict[str, str]
     report_url: str

@@ -109,6 +109,43 @@ class Run(Base):
     report: Mapped[dict] = mapped_column(JSON)
     # When this run was chosen to serve; the service serves the run chosen last.
     served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Since when this run is the challenger: its models answer every image in shadow.
+    challenger_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RunEvent(Base):
+    """Who made a run the champion (served it, promoted it, rolled back to it) or the challenger,
+    and when: the run history."""
+
+    __tablename__ = "run_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # serve, promote, rollback, challenge, withdraw
+    actor: Mapped[str | None] = mapped_column(String(200))
+    # The champion this event replaced (serve, promote, rollback): where a rollback goes back to.
+    previous_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+
+
+class ShadowPrediction(Base):
+    """The challenger run's answer for a prediction's image: stored, never returned."""
+
+    __tablename__ = "shadow_predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(
+        ForeignKey("predictions.id", ondelete="CASCADE"), index=True
+    )
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    decision: Mapped[str] = mapped_column(String(8))  # under the challenger's operating point
+    labels: Mapped[dict[str, str]] = mapped_column(JSON)  # model name -> label
+    confidences: Mapped[dict[str, float]] = mapped_column(JSON)
+    versions: Mapped[dict[str, str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ApiKey(Base):

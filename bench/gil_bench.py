@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from app.core.inference import Classifier
-from app.core.model_process import ModelProcess
+from app.core.model_process import ModelProcess, ModelsToLoad
 
 
 def _busy(stop: threading.Event) -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     local = Classifier(args.run_dir, ["baseline", "maxmin"], "cpu")
     shape = (args.batch, local.channels, local.size, local.size)
     batch = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
-    remote = ModelProcess(args.run_dir, ["baseline", "maxmin"], "cpu", threads=1)
+    remote = ModelProcess(ModelsToLoad(args.run_dir, ("baseline", "maxmin"), "cpu"))
     try:
         out = {
             "batch": args.batch,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -288,3 +289,17 @@ def _serve(
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+def predict_across_a_kill(client, pid: int, detail: str) -> httpx.Response:  # noqa: ANN001
+    """Kill the child process ``pid`` (SIGKILL), then predict once. The kill lands either before
+    the request reaches the child (a fresh process answers, or 503 while it starts) or while the
+    request is in flight (503 naming the cause, ``detail``); never a 500. Returns the answer."""
+    upload = [("files", ("a.png", png_bytes(3), "image/png"))]
+    os.kill(pid, signal.SIGKILL)
+    r = client.post("/predict", files=upload)
+    assert r.status_code in (200, 503), r.text
+    if r.status_code == 503:
+        assert detail in r.json()["detail"], r.text
+        assert r.headers["Retry-After"]
+    return r

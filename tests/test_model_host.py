@@ -14,10 +14,10 @@ import pytest
 
 from app.core.inference import Classifier
 from app.core.model_host import ModelHost, ModelHostClient
-from app.core.model_process import ModelProcessFailed
+from app.core.model_process import ModelProcessFailed, ModelsToLoad
 from tests.helpers import png_bytes
 
-NAMES = ["baseline", "maxmin"]
+NAMES = ("baseline", "maxmin")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def local(run_dir: Path) -> Classifier:
 
 @pytest.fixture
 def host(run_dir: Path):  # noqa: ANN201
-    h = ModelHost(run_dir, NAMES, "cpu", threads=1)
+    h = ModelHost(ModelsToLoad(run_dir, NAMES, "cpu"))
     yield h
     h.close()
 
@@ -126,7 +126,7 @@ def test_a_dead_host_is_replaced(host: ModelHost, local: Classifier) -> None:
 
 
 def test_closing_removes_the_socket(run_dir: Path) -> None:
-    h = ModelHost(run_dir, NAMES, "cpu", threads=1)
+    h = ModelHost(ModelsToLoad(run_dir, NAMES, "cpu"))
     pid, address = h.pid, h.address
     assert Path(address).exists()
     client = ModelHostClient(address, h.authkey)
@@ -143,7 +143,7 @@ def test_a_host_on_cuda_answers_as_the_models_in_process(run_dir: Path, device) 
     if device.type != "cuda":
         pytest.skip("needs CUDA (MAXMIN_TEST_DEVICE=cuda on a GPU machine)")
     gpu = Classifier(run_dir, NAMES, "cuda")
-    h = ModelHost(run_dir, NAMES, "cuda", threads=1)
+    h = ModelHost(ModelsToLoad(run_dir, NAMES, "cuda"))
     try:
         client = ModelHostClient(h.address, h.authkey)
         assert client.device.startswith("cuda")

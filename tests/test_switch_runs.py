@@ -19,7 +19,7 @@ from app.core.config import Settings
 from app.core.db import upgrade
 from app.core.inference import Classifier
 from app.core.model_host import ModelHost, ModelHostClient
-from app.core.model_process import ModelProcessFailed
+from app.core.model_process import ModelProcessFailed, ModelsToLoad
 from app.crud.runs import choose_to_serve, register_run
 from app.main import create_app
 from tests.helpers import make_key, png_bytes, server, train_small_run
@@ -177,7 +177,7 @@ def test_a_pinned_run_is_not_switched(runs: dict[str, Path], tmp_path: Path) -> 
 
 
 def test_the_shared_model_process_serves_two_runs(runs: dict[str, Path]) -> None:
-    host = ModelHost(runs["a"], ["baseline", "maxmin"], "cpu", threads=1)
+    host = ModelHost(ModelsToLoad(runs["a"], ("baseline", "maxmin"), "cpu"))
     try:
         client = ModelHostClient(host.address, host.authkey)
         local = {k: Classifier(v, ["baseline", "maxmin"], "cpu") for k, v in runs.items()}

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     # How often each worker checks which run to serve (the one chosen last) and switches to it
     # without a restart; 0: only at start. With MAXMIN_RUN_DIR: loads that run again if it failed.
     reload_seconds: float = 5.0
+    # The challenger run (registered while another serves) classifies every image too, in shadow:
+    # its answers are stored beside the champion's, never returned. false saves its compute, and
+    # the dashboard then has no evidence for promoting it.
+    shadow: bool = True
+    # The promotion rule (docs/service.md): at least this many labelled parts since the challenger
+    # started, and the challenger not worse than the champion by more than the margin, at 95 %
+    # one-sided confidence, on the escape rate (good class known) or else on accuracy.
+    promote_min_labelled: int = Field(default=200, ge=1)
+    promote_margin: float = Field(default=0.01, ge=0.0, le=1.0)
     # Several workers: one model process for all of them (app/core/model_host.py), or one each.
     # auto: shared on a GPU (one CUDA context, merged batches); one each on the CPU, where one
     # shared process served fewer requests than one each (bench/serve_bench.py --sides).

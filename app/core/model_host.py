@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core.model_process import ModelProcessFailed
+from app.core.model_process import ModelProcessFailed, ModelsToLoad
 from app.core.supervisor import EXITING, ChildProcess, Watchdog, exit_when_orphaned
 
 log = logging.getLogger("maxmin_inspect")
-KEEP_RUNS = 2  # runs the host keeps loaded: the served one and the one being switched to
+# Runs the host keeps loaded: the served one, the challenger in shadow, and one being switched to.
+KEEP_RUNS = 3
 
 
 def _send(conn: Connection, message: object) -> None:
@@ -170,22 +171,18 @@ class ModelHost:
 
     def __init__(
         self,
-        run_dir: Path,
-        names: list[str],
-        device: str = "auto",
-        threads: int = 1,
+        models: ModelsToLoad,
+        *,
         start_timeout_s: float = 180.0,
         on_restart: Callable[[], None] | None = None,
-        parallel: str = "false",
     ) -> None:
         self._folder = tempfile.mkdtemp(prefix="maxmin-models-")  # mode 0700: this user only
         self.address = os.path.join(self._folder, "models.sock")
         self.authkey = os.urandom(32)
-        args = (self.address, self.authkey, str(Path(run_dir).resolve()), list(names), device)
         self._child = ChildProcess(
             "the model host",
             _host_main,
-            (*args, threads, parallel),
+            (self.address, self.authkey, *models.args()),
             ModelProcessFailed,
             start_timeout_s,
             name="maxmin-models",

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -31,6 +32,23 @@ log = logging.getLogger("maxmin_inspect")
 
 class ModelProcessFailed(RuntimeError):
     """The model process could not answer; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelsToLoad:
+    """What a child process loads: the named models of a run, on a device, with its threads and
+    its choice of running the models in parallel. Shared by the model process and the host."""
+
+    run_dir: Path
+    names: tuple[str, ...]
+    device: str = "auto"
+    threads: int = 1
+    parallel: str = "false"
+
+    def args(self) -> tuple[str, list[str], str, int, str]:
+        """The child's arguments (plain values, picklable under spawn)."""
+        run_dir = str(Path(self.run_dir).resolve())
+        return run_dir, list(self.names), self.device, self.threads, self.parallel
 
 
 def _serve(
@@ -69,20 +87,16 @@ class ModelProcess:
 
     def __init__(
         self,
-        run_dir: Path,
-        names: list[str],
-        device: str = "auto",
-        threads: int = 1,
+        models: ModelsToLoad,
+        *,
         start_timeout_s: float = 180.0,
         batch_timeout_s: float = 60.0,
         on_restart: Callable[[], None] | None = None,
-        parallel: str = "false",
     ) -> None:
-        args = (str(Path(run_dir).resolve()), list(names), device, threads, parallel)
         self._child = ChildProcess(
             "the model process",
             _serve,
-            args,
+            models.args(),
             ModelProcessFailed,
             start_timeout_s,
             name="maxmin-models",

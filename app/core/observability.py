@@ -72,6 +72,12 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.shadow = Counter(
+            "maxmin_shadow_answers",
+            "Images the challenger classified in shadow (stored), or missed and why",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.model_restarts = model_restarts_counter(self.registry)
         self.writer_restarts = Counter(
             "maxmin_writer_process_restarts",
@@ -88,7 +94,8 @@ class Metrics:
 
 def model_restarts_counter(registry: CollectorRegistry) -> Counter:
     """Model processes replaced after dying or hanging, by which process: a worker's own
-    (``worker``) or the one shared by all workers (``shared``, counted by the serve command).
+    (``worker``), the challenger's in shadow (``shadow``) or the one shared by all workers
+    (``shared``, counted by the serve command).
     More than a few an hour points to memory or a driver: alert on its rate."""
     return Counter(
         "maxmin_model_process_restarts",

@@ -1,4 +1,4 @@
-"""Which run's models answer, and switching to another run without a restart.
+"""Which run's models answer, which answer in shadow, and switching runs without a restart.
 
 One ``ServedModels`` per web worker holds the run being served (a ``ServedRun`` for decoding and
 naming, the ``ModelRunner`` that classifies, and its micro-batcher), why nothing is served when
@@ -6,6 +6,10 @@ that is the case, and the runs being retired. Every ``MAXMIN_RELOAD_SECONDS`` it
 should be served (``find_run_dir``); a new one is loaded beside the current one and swapped in when
 ready. A request takes the served run once and keeps it to the end, so a request that began before
 a switch is finished by the models it was decoded for.
+
+A second ``ServedModels`` with the challenger role follows the challenger run the same way (see
+``app.crud.runs``): its models classify every image in shadow while ``MAXMIN_SHADOW`` is on, and
+it unloads them when the run is promoted or withdrawn.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -24,8 +29,9 @@ from app.core.batcher import MicroBatcher
 from app.core.config import Settings
 from app.core.inference import Classifier, ModelRunner, ModelsUnavailable, ServedRun
 from app.core.model_host import HostRun, ModelHostClient, ModelHostUnreachable
-from app.core.model_process import ModelProcess, ModelProcessFailed
-from app.crud.runs import keep_serving, serving_run
+from app.core.model_process import ModelProcess, ModelProcessFailed, ModelsToLoad
+from app.crud.runs import challenger, keep_serving, serving_run
+from app.tables import Run
 from inspectlib.checkpoint import CheckpointError
 
 log = logging.getLogger("maxmin_inspect")
@@ -53,6 +59,18 @@ def find_run_dir(settings: Settings, sessions: sessionmaker) -> Path | None:
     return found[-1].parent if found else None
 
 
+def find_challenger_dir(settings: Settings, sessions: sessionmaker) -> Path | None:
+    """The challenger run to classify in shadow; None when there is none or shadow is off."""
+    if not settings.shadow:
+        return None
+    try:
+        with sessions() as session:
+            run = challenger(session)
+    except DBAPIError:
+        return None
+    return Path(run.run_dir) if run is not None and Path(run.run_dir).is_dir() else None
+
+
 def _close(runner: ModelRunner | None, batcher: MicroBatcher | None) -> None:
     if batcher is not None:
         batcher.close()
@@ -63,9 +81,18 @@ def _close(runner: ModelRunner | None, batcher: MicroBatcher | None) -> None:
 class ServedModels:
     """The served run of one web worker, and the switch to the next."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, on_restart=None) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker,
+        on_restart=None,  # noqa: ANN001
+        role: str = "champion",
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
+        self.role = role  # champion (answers) or challenger (answers in shadow)
+        self._find = find_run_dir if role == "champion" else find_challenger_dir
+        self.run_id: int | None = None  # the served run's id in the registry, if registered
         self._on_restart = on_restart  # counts this worker's model-process restarts
         self.classifier: ServedRun | None = None  # read once per request
         self.runner: ModelRunner | None = None
@@ -99,14 +126,15 @@ class ServedModels:
             return classifier, classifier
         # The models run in their own process; this one only decodes and names things.
         served = ServedRun(run_dir, settings.ab_models)
-        runner = ModelProcess(
+        models = ModelsToLoad(
             run_dir,
-            settings.ab_models,
+            tuple(settings.ab_models),
             settings.device,
             settings.threads,
-            batch_timeout_s=settings.model_timeout_seconds,
-            on_restart=self._on_restart,
-            parallel=settings.parallel_models,
+            settings.parallel_models,
+        )
+        runner = ModelProcess(
+            models, batch_timeout_s=settings.model_timeout_seconds, on_restart=self._on_restart
         )
         return served, runner
 
@@ -117,11 +145,20 @@ class ServedModels:
             runner, settings.batch_max_size, settings.batch_wait_ms, settings.queue_max
         )
         classifier.batcher = batcher
+        self.run_id = self._registered_id(classifier.run_dir)
         old = (self.classifier, self.runner, self.batcher)
         self.runner, self.batcher = runner, batcher
         self.classifier = classifier  # last: requests see the new models from here on
         self.models_error = self.reload_error = None
         return old
+
+    def _registered_id(self, run_dir: Path) -> int | None:
+        try:
+            with self.sessions() as session:
+                query = select(Run.id).where(Run.run_dir == str(Path(run_dir).resolve()))
+                return session.execute(query).scalar_one_or_none()
+        except DBAPIError:
+            return None
 
     def _retire(self, old: tuple, grace_s: float) -> None:
         """Close what served before, once the requests that still hold it are done (or at
@@ -135,8 +172,10 @@ class ServedModels:
 
     def load(self) -> None:
         """Load the A/B models at start; on failure keep serving and say why in /readyz."""
-        run_dir = find_run_dir(self.settings, self.sessions)
+        run_dir = self._find(self.settings, self.sessions)
         if run_dir is None:
+            if self.role != "champion":
+                return  # no challenger: nothing to load, nothing wrong
             self.models_error = (
                 f"no trained models found in {self.settings.runs_dir}: "
                 "run `maxmin-inspect train DATA`"
@@ -162,7 +201,7 @@ class ServedModels:
         return (Path(run_dir).resolve(), time.monotonic())
 
     def _keep_serving(self, run_dir: Path) -> None:
-        if self.settings.run_dir is not None:
+        if self.settings.run_dir is not None or self.role != "champion":
             return  # pinned by the setting: no choice to record
         try:
             with self.sessions() as session:
@@ -181,11 +220,19 @@ class ServedModels:
             return self._follow(retry_s)
 
     def _follow(self, retry_s: float) -> bool:
-        run_dir = find_run_dir(self.settings, self.sessions)
-        if run_dir is None:
-            return False
-        run_dir = Path(run_dir).resolve()
+        run_dir = self._find(self.settings, self.sessions)
         current = self.classifier
+        if run_dir is None:
+            if self.role == "champion" or current is None:
+                return False
+            # The challenger was promoted or withdrawn (or shadow switched off): unload it.
+            old = (current, self.runner, self.batcher)
+            self.classifier = self.runner = self.batcher = None
+            self.run_id = None
+            self._retire(old, grace_s=self.settings.model_timeout_seconds)
+            log.info("no challenger in shadow any more (was %s)", current.run_dir)
+            return True
+        run_dir = Path(run_dir).resolve()
         if current is not None and current.run_dir.resolve() == run_dir:
             self.reload_error = self.failed_run = None  # e.g. a failed choice undone
             self.host_down = False
@@ -209,7 +256,11 @@ class ServedModels:
         self.failed_run = None
         self.host_down = False
         self._retire(old, grace_s=self.settings.model_timeout_seconds)
-        log.info("now serving the models of %s", run_dir)
+        log.info(
+            "now %s: the models of %s",
+            "serving" if self.role == "champion" else "in shadow",
+            run_dir,
+        )
         self._keep_serving(run_dir)
         return True
 

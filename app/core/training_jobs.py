@@ -229,7 +229,7 @@ def refresh(session: Session, job: TrainingJob, exit_code: int | None = None) ->
     state = status.get("state")
     if state == "done":
         try:
-            run = _register(session, Path(job.run_dir))
+            run = _register(session, Path(job.run_dir), job.requested_by)
         except (NotFound, OSError, ValueError) as exc:
             _finish(session, job, "failed", f"the run finished but cannot be registered: {exc}")
         else:
@@ -248,9 +248,9 @@ def refresh(session: Session, job: TrainingJob, exit_code: int | None = None) ->
     return job
 
 
-def _register(session: Session, run_dir: Path) -> Run:
+def _register(session: Session, run_dir: Path, actor: str | None = None) -> Run:
     try:
-        return register_run(session, run_dir)
+        return register_run(session, run_dir, actor)
     except IntegrityError:  # another worker registered it at the same moment
         session.rollback()
         return session.execute(select(Run).where(Run.run_dir == str(run_dir))).scalar_one()

@@ -1,5 +1,5 @@
 """The live A/B comparison on the parts inspectors labelled: accuracy with intervals, the paired
-test, confusion matrices, agreement and latency."""
+test, confusion matrices, agreement and latency; and the champion run against the challenger."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.crud.errors import as_utc
 from app.crud.predictions import PredictionFilter, filtered_query
-from app.tables import ModelOutput, Prediction
+from app.tables import ModelOutput, Prediction, Run, ShadowPrediction
 
 
 def _wilson(correct: int, n: int) -> dict[str, float | None]:
@@ -166,4 +166,167 @@ def decision_stats(
         "review_rate": counts["review"] / decided if decided else None,
         "good_class": good_class,
         "escape_rate": escape,
+    }
+
+
+def _decided_wrong(decision: str | None, label: str | None, truth: str) -> bool:
+    """A part accepted or rejected under a label that is not the inspector's (review is not an
+    error: a person decides)."""
+    return decision in ("accept", "reject") and label != truth
+
+
+def challenger_stats(
+    session: Session,
+    challenger: Run,
+    champion_versions: dict[str, str] | None,
+    good_class: str | None,
+    min_labelled: int,
+    margin: float,
+) -> dict:
+    """The champion against the challenger on the parts inspectors labelled since the challenger
+    started, each part classified by both (the challenger in shadow).
+
+    - Per model name: paired accuracy and McNemar's exact test.
+    - Per run: the escape rate (defective parts accepted as good) and the false-reject rate (good
+      parts rejected) of its decisions, with Wilson intervals, when the good class is known; the
+      rate of wrong decisions (accepted or rejected under the wrong label) otherwise.
+    - The promotion rule: at least ``min_labelled`` paired labelled parts, and the challenger's
+      rate (escape, else wrong decisions) at most ``margin`` above the champion's at 95 % one-sided
+      confidence (non-inferiority); and no model of the challenger significantly less accurate
+      than the champion's (McNemar, p < 0.05).
+    """
+    from inspectlib.stats import mcnemar, paired_rate_difference
+
+    f = PredictionFilter(
+        since=challenger.challenger_since, labelled=True, versions=champion_versions
+    )
+    rows = session.execute(
+        filtered_query(
+            select(
+                Prediction.id,
+                Prediction.label,
+                Prediction.decision,
+                ShadowPrediction.labels,
+                ShadowPrediction.decision,
+            )
+            .join(ShadowPrediction, ShadowPrediction.prediction_id == Prediction.id)
+            .where(ShadowPrediction.run_id == challenger.id),
+            f,
+        )
+    ).all()
+    ids = [r[0] for r in rows]
+    champ_labels: dict[int, dict[str, str]] = {}
+    for chunk in range(0, len(ids), 500):
+        part = ids[chunk : chunk + 500]
+        for pid, name, label in session.execute(
+            select(ModelOutput.prediction_id, ModelOutput.model_name, ModelOutput.label).where(
+                ModelOutput.prediction_id.in_(part)
+            )
+        ):
+            champ_labels.setdefault(pid, {})[name] = label
+    truth = [r[1] for r in rows]
+    names = sorted({n for r in rows for n in r[3]} & {n for d in champ_labels.values() for n in d})
+    models = {}
+    worse = []
+    for name in names:
+        pairs = [
+            (champ_labels.get(r[0], {}).get(name) == r[1], r[3].get(name) == r[1])
+            for r in rows
+            if name in r[3] and name in champ_labels.get(r[0], {})
+        ]
+        a = np.array([p[0] for p in pairs], dtype=bool)
+        b = np.array([p[1] for p in pairs], dtype=bool)
+        test = mcnemar(b, a)
+        models[name] = {
+            "parts": len(pairs),
+            "champion_accuracy": _wilson(int(a.sum()), len(a)),
+            "challenger_accuracy": _wilson(int(b.sum()), len(b)),
+            "only_champion_correct": test["only_baseline_correct"],
+            "only_challenger_correct": test["only_model_correct"],
+            "mcnemar_p_value": test["p_value"],
+        }
+        if test["p_value"] < 0.05 and b.sum() < a.sum():
+            worse.append(name)
+
+    def decided_label(labels: dict[str, str]) -> str | None:
+        said = set(labels.values())
+        return said.pop() if len(said) == 1 else None
+
+    rates: dict[str, dict] = {}
+    if good_class is not None:
+        defective = [i for i, t in enumerate(truth) if t != good_class]
+        good = [i for i, t in enumerate(truth) if t == good_class]
+        champ_escape = np.array([rows[i][2] == "accept" for i in defective], dtype=bool)
+        chal_escape = np.array([rows[i][4] == "accept" for i in defective], dtype=bool)
+        champ_fr = np.array([rows[i][2] == "reject" for i in good], dtype=bool)
+        chal_fr = np.array([rows[i][4] == "reject" for i in good], dtype=bool)
+        rates = {
+            "escape_rate": {
+                "champion": _wilson(int(champ_escape.sum()), len(defective)),
+                "challenger": _wilson(int(chal_escape.sum()), len(defective)),
+            },
+            "false_reject_rate": {
+                "champion": _wilson(int(champ_fr.sum()), len(good)),
+                "challenger": _wilson(int(chal_fr.sum()), len(good)),
+            },
+        }
+        rule_on, champ_bad, chal_bad = "escape rate", champ_escape, chal_escape
+    else:
+        champ_bad = np.array(
+            [_decided_wrong(r[2], decided_label(champ_labels.get(r[0], {})), r[1]) for r in rows],
+            dtype=bool,
+        )
+        chal_bad = np.array(
+            [_decided_wrong(r[4], decided_label(r[3]), r[1]) for r in rows], dtype=bool
+        )
+        rates = {
+            "wrong_decision_rate": {
+                "champion": _wilson(int(champ_bad.sum()), len(rows)),
+                "challenger": _wilson(int(chal_bad.sum()), len(rows)),
+            }
+        }
+        rule_on = "rate of wrong decisions"
+    difference = paired_rate_difference(champ_bad, chal_bad)
+    labelled = len(rows)
+    if labelled < min_labelled:
+        verdict, ready = (
+            f"not enough evidence yet: {labelled} of the {min_labelled} labelled parts the rule "
+            "asks for",
+            False,
+        )
+    elif worse:
+        verdict, ready = (
+            f"keep the champion: the challenger's {', '.join(worse)} is less accurate "
+            "(McNemar, p < 0.05)",
+            False,
+        )
+    elif difference["upper"] is None or difference["upper"] > margin:
+        upper = difference["upper"]
+        bound = "no parts to judge it on" if upper is None else f"could be {upper * 100:.1f} points"
+        verdict, ready = (
+            f"keep the champion: the challenger's {rule_on} {bound} above the champion's "
+            f"(margin {margin * 100:.1f} points)",
+            False,
+        )
+    else:
+        verdict, ready = (
+            f"ready to promote: on {labelled} labelled parts the challenger's {rule_on} is at "
+            f"most {difference['upper'] * 100:.1f} points above the champion's at 95 % "
+            f"confidence (margin {margin * 100:.1f} points), and no model is less accurate",
+            True,
+        )
+    return {
+        "challenger_run_id": challenger.id,
+        "since": as_utc(challenger.challenger_since),
+        "labelled": labelled,
+        "models": models,
+        "rates": rates,
+        "rule": {
+            "on": rule_on,
+            "min_labelled": min_labelled,
+            "margin": margin,
+            "difference": difference,
+            "ready": ready,
+            "verdict": verdict,
+        },
     }

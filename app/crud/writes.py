@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.core.storage import ImageStore
-from app.tables import ModelOutput, Prediction, StoredImage, utcnow
+from app.tables import ModelOutput, Prediction, ShadowPrediction, StoredImage, utcnow
 from inspectlib.decision import Decision
 
 
@@ -38,6 +38,18 @@ class NewOutput:
 
 
 @dataclass
+class NewShadow:
+    """The challenger run's answer for one image: per model its label and confidence, and the
+    decision under the challenger's own operating point."""
+
+    run_id: int
+    decision: str
+    labels: dict[str, str]
+    confidences: dict[str, float]
+    versions: dict[str, str]
+
+
+@dataclass
 class StoredPrediction:
     """What the API answers for a prediction just written (no ORM object: built in bulk)."""
 
@@ -58,17 +70,18 @@ class StoredPrediction:
 
 
 @functools.cache
-def _group_statements(dialect: str) -> tuple[Insert, Insert, Insert]:
-    """The three statements of a group commit, built once per dialect: images (INSERT ... ON
+def _group_statements(dialect: str) -> tuple[Insert, Insert, Insert, Insert]:
+    """The statements of a group commit, built once per dialect: images (INSERT ... ON
     CONFLICT DO NOTHING, so that concurrent uploads of one image both succeed), predictions
-    (returning their ids in the rows' order) and model outputs. Rows go as parameters (compiled
-    once, cached), not as inline VALUES."""
+    (returning their ids in the rows' order), model outputs and shadow answers. Rows go as
+    parameters (compiled once, cached), not as inline VALUES."""
     module = postgresql if dialect == "postgresql" else sqlite
     table = Prediction.__table__
     return (
         module.insert(StoredImage.__table__).on_conflict_do_nothing(),
         insert(table).returning(table.c.id, sort_by_parameter_order=True),
         insert(ModelOutput.__table__),
+        insert(ShadowPrediction.__table__),
     )
 
 
@@ -92,6 +105,7 @@ class PredictionBatch:
     source: str | None
     part_id: str | None
     decisions: list[Decision] | None = None  # one per item, when the service decided
+    shadow: list[NewShadow] | None = None  # one per item, when a challenger answered in shadow
 
 
 def _stage(
@@ -112,13 +126,14 @@ def _stage(
     images: dict[str, dict] = {}
     pred_rows: list[dict] = []
     outputs: list[list[NewOutput]] = []
+    shadows: list[NewShadow | None] = []
     now = utcnow()
     t0 = time.perf_counter()
     # Core statements on the session's connection: the ORM's execution and bulk paths add per-row
     # bookkeeping that the response does not need. Taking the connection begins no transaction
     # in the database yet, so it is done before the lock.
     conn = session.connection()
-    put_images, put_predictions, put_outputs = _group_statements(conn.dialect.name)
+    put_images, put_predictions, put_outputs, put_shadow = _group_statements(conn.dialect.name)
     store.put_many({i.sha256: i.data for b in batches for i, _ in b.items}, created)
     for batch in batches:
         for i, (image, outs) in enumerate(batch.items):
@@ -148,6 +163,7 @@ def _stage(
                 }
             )
             outputs.append(outs)
+            shadows.append(batch.shadow[i] if batch.shadow else None)
     t1 = time.perf_counter()
     with lock:
         t2 = time.perf_counter()
@@ -161,6 +177,13 @@ def _stage(
                 for o in outs
             ],
         )
+        shadow_rows = [
+            {"prediction_id": pid, "created_at": now, **sh.__dict__}
+            for pid, sh in zip(ids, shadows, strict=True)
+            if sh is not None
+        ]
+        if shadow_rows:
+            conn.execute(put_shadow, shadow_rows)
         session.commit()
     t3 = time.perf_counter()
     timing.files, timing.lock, timing.sql = t1 - t0, t2 - t1, t3 - t2

@@ -10,6 +10,7 @@ from fastapi.templating import Jinja2Templates
 
 from app.api.deps import SessionDep
 from app.api.routes.predictions import to_public
+from app.api.routes.runs import comparison, history
 from app.core.security import (
     RANK,
     Principal,
@@ -169,10 +170,25 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
             "pinned": request.app.state.settings.run_dir is not None,
             "stats": stats,
             "disagreements": [to_public(p) for p in disagreements],
+            "runs_cc": comparison(request, session, request.app.state.settings),
             "models_error": request.app.state.models.models_error,
             "who": who,
             "csrf": csrf_token(request),
         },
+    )
+
+
+@router.get("/history", response_class=HTMLResponse)
+def history_page(request: Request, session: SessionDep) -> Response:
+    """Every run that served, with its dates, who chose it, and its live figures."""
+    who = _page_user(request, "manager")
+    if not isinstance(who, Principal):
+        return who
+    served, events = history(session)
+    return templates.TemplateResponse(
+        request,
+        "history.html",
+        {"served": served, "events": events, "who": who, "csrf": csrf_token(request)},
     )
 
 

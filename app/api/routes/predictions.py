@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,13 +33,14 @@ from app.core.model_process import ModelProcessFailed
 from app.core.writer import WriterUnavailable
 from app.crud.errors import InvalidFilter, InvalidLabel, NotFound, as_utc
 from app.crud.predictions import PredictionFilter, get_prediction, list_predictions, set_label
-from app.crud.writes import NewImage, NewOutput, PredictionBatch, StoredPrediction
+from app.crud.writes import NewImage, NewOutput, NewShadow, PredictionBatch, StoredPrediction
 from app.schemas import LabelUpdate, PredictionPublic, PredictionsPublic
 from app.tables import Prediction
 from inspectlib.decision import decide
 from inspectlib.imaging import ImageError, ImageTooLarge, UnsupportedFormat
 
 router = APIRouter(tags=["predictions"])
+log = logging.getLogger("maxmin_inspect")
 
 PREDICT_BODY = {
     "requestBody": {
@@ -258,6 +260,59 @@ def _build_items(
     return items
 
 
+async def _shadow_answers(
+    request: Request,
+    settings: Settings,
+    champion: ServedRun,
+    uploads: list[tuple[str | None, bytes]],
+    decoded: list[Decoded],
+    arrays: np.ndarray,
+) -> list[NewShadow] | None:
+    """The challenger's answers for the request's images, under its own operating point; None
+    when no challenger is loaded or it could not answer. Never fails the request: the champion's
+    answer is what the line gets."""
+    shadow = request.app.state.shadow
+    challenger, run_id = shadow.classifier, shadow.run_id
+    if challenger is None or run_id is None or not settings.shadow:
+        return None
+    metrics = request.app.state.metrics.shadow
+    try:
+        if challenger.preprocess != champion.preprocess:  # another size or channels: decode again
+            mine = await asyncio.get_running_loop().run_in_executor(
+                request.app.state.decode_pool,
+                _decode_all,
+                challenger,
+                uploads,
+                settings,
+                request.app.state.decode_budget,
+            )
+            arrays = np.stack([d.array for d in mine])
+        result = await asyncio.wrap_future(challenger.batcher.submit(arrays))
+    except Exception as exc:  # noqa: BLE001 - overloaded, model process down, a bad decode
+        metrics.labels(type(exc).__name__).inc(len(decoded))
+        log.warning("the challenger did not answer in shadow: %s", exc)
+        return None
+    answers = []
+    versions = {name: m.version for name, m in challenger.models.items()}
+    for i in range(len(decoded)):
+        said = {}
+        for name, (probs, _) in result.outputs.items():
+            k = int(probs[i].argmax())
+            said[name] = (challenger.classes[k], float(probs[i][k]))
+        d = decide(said, challenger.thresholds, challenger.good_class)
+        answers.append(
+            NewShadow(
+                run_id=run_id,
+                decision=d.action,
+                labels={n: label for n, (label, _) in said.items()},
+                confidences={n: round(c, 6) for n, (_, c) in said.items()},
+                versions=versions,
+            )
+        )
+    metrics.labels("stored").inc(len(answers))
+    return answers
+
+
 @router.post(
     "/predict",
     response_model=PredictionsPublic,
@@ -298,14 +353,22 @@ async def create_prediction(
     )
     t2 = time.perf_counter()
     batcher = classifier.batcher  # these models' own: a switch of runs cannot mix them up
+    arrays = np.stack([d.array for d in decoded])
+    # The challenger's pass runs beside the champion's; the answer waits for both.
+    shadow = asyncio.ensure_future(
+        _shadow_answers(request, settings, classifier, uploads, decoded, arrays)
+    )
     try:
-        result = await asyncio.wrap_future(batcher.submit(np.stack([d.array for d in decoded])))
+        result = await asyncio.wrap_future(batcher.submit(arrays))
     except Overloaded as exc:
+        shadow.cancel()
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
     except ModelProcessFailed as exc:
+        shadow.cancel()
         raise HTTPException(
             503, detail=f"models unavailable: {exc}", headers={"Retry-After": "2"}
         ) from None
+    shadow_answers = await shadow
     t3 = time.perf_counter()
     items = _build_items(classifier, uploads, decoded, result)
     decisions = [
@@ -317,7 +380,7 @@ async def create_prediction(
         for _, outputs in items
     ]
     _count(request.app.state.metrics, items, result, decisions)
-    batch = PredictionBatch(items, classifier.classes, source, part_id, decisions)
+    batch = PredictionBatch(items, classifier.classes, source, part_id, decisions, shadow_answers)
     try:
         written = await asyncio.wrap_future(request.app.state.writer.submit(batch))
     except WriterUnavailable as exc:

@@ -28,6 +28,7 @@ def _summary(run: Run, serving: str | None) -> dict:
         "created_at": as_utc(run.created_at),
         "registered_at": as_utc(run.registered_at),
         "served_at": as_utc(run.served_at),
+        "challenger_since": as_utc(run.challenger_since),
         "serving": serving == str(Path(run.run_dir).resolve()),
         "verdict": run.verdict,
         "model_versions": run.model_versions,
@@ -50,7 +51,7 @@ def read_reports(_: ManagerDep, request: Request, session: SessionDep) -> RunsPu
     responses={404: {"description": "unknown report"}, 409: {"description": "pinned"}},
 )
 def serve_report(
-    _: AdminDep, run_id: RowId, request: Request, session: SessionDep, settings: SettingsDep
+    who: AdminDep, run_id: RowId, request: Request, session: SessionDep, settings: SettingsDep
 ) -> RunSummary:
     """Serve this run's models: every worker loads them beside the current ones and switches
     within `MAXMIN_RELOAD_SECONDS`, without a restart; requests in flight finish on the models
@@ -68,7 +69,7 @@ def serve_report(
         )
     if not (Path(run.run_dir) / "report.json").is_file():
         raise HTTPException(409, detail=f"run directory {run.run_dir} is missing or incomplete")
-    choose_to_serve(session, run)
+    choose_to_serve(session, run, who.name)
     return RunSummary(**_summary(run, _serving(request)))
 
 
