@@ -178,6 +178,19 @@ def test_the_engineer_trains_from_the_page_and_opens_the_report(
             rows.nth(1).locator("button.serve").click()  # and back to the first one
             expect(rows.nth(1).locator(".serving")).to_be_visible(timeout=30_000)
             expect(rows.first.locator("button.serve")).to_be_visible()
+            # The new run as the challenger, in shadow; then promoted, and rolled back.
+            rows.first.locator("button.challenge").click()
+            expect(rows.first.locator(".challenger")).to_be_visible(timeout=30_000)
+            expect(page.locator("#promotion-verdict")).to_contain_text("not enough evidence")
+            page.locator("#promote").click()  # the page reloads once the line is switched
+            expect(rows.first.locator(".serving")).to_be_visible(timeout=30_000)
+            page.locator("#rollback").click()
+            expect(rows.nth(1).locator(".serving")).to_be_visible(timeout=30_000)
+            page.goto(f"{server}/history")
+            served = page.locator("#served tr")
+            expect(served.nth(1)).to_contain_text("rollback")
+            expect(served.nth(1)).to_contain_text("ole (engineer)")
+            expect(served.nth(2)).to_contain_text("promote")
         finally:
             browser.close()
 
