@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -121,7 +122,8 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
     own (``service-writer-process``) or as a thread of each worker (``service-writer-thread``)
     whatever the device, or with a sync per new image file instead of one per group
     (``service-file-sync``), or with the A/B models one after the other instead of side by side
-    (``service-serial-models``)."""
+    (``service-serial-models``), or with a challenger run (a copy of the served one, so the same
+    compute) classifying every image in shadow (``service-shadow``)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _port()
         svc_env = {
@@ -143,6 +145,17 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             svc_env["MAXMIN_IMAGE_SYNC"] = "file"
         if side == "service-serial-models":
             svc_env["MAXMIN_PARALLEL_MODELS"] = "false"
+        if side == "service-shadow":
+            # The served run as the champion, a copy of it as the challenger, in shadow.
+            shutil.copytree(args.run_dir, Path(tmp) / "challenger")
+            for run, extra in ((args.run_dir, ["--serve"]), (Path(tmp) / "challenger", [])):
+                subprocess.run(
+                    [sys.executable, "-m", "maxmin_inspect", "import-run", str(run), *extra],
+                    env=svc_env,
+                    cwd=ROOT,
+                    check=True,
+                    capture_output=True,
+                )
         # A line key, as a line system would send: the access check is part of the cost.
         made = subprocess.run(
             [sys.executable, "-m", "maxmin_inspect", "keys", "create", "--role", "line"]
@@ -164,6 +177,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             "service-writer-thread": "ours-t",
             "service-file-sync": "ours-f",
             "service-serial-models": "ours-1",
+            "service-shadow": "ours-sh",
         }[side]
         return _measure(name, serve, svc_env, port, args, "/readyz", load_env)
 
@@ -197,6 +211,7 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
         "service-writer-thread",
         "service-file-sync",
         "service-serial-models",
+        "service-shadow",
     ):
         if side in args.sides:
             sides[side] = _measure_service(side, args, env)
@@ -244,7 +259,8 @@ def main() -> None:
         "process for all workers), service-per-worker (one each), service-writer-process and "
         "service-writer-thread (the database writer as a process of its own, or as a thread of "
         "each worker), service-file-sync (a sync per new image file, MAXMIN_IMAGE_SYNC=file), "
-        "service-serial-models (the A/B models one after the other, MAXMIN_PARALLEL_MODELS=false)",
+        "service-serial-models (the A/B models one after the other, MAXMIN_PARALLEL_MODELS=false), "
+        "service-shadow (a challenger classifying every image in shadow)",
     )
     args = parser.parse_args()
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -272,6 +288,7 @@ def main() -> None:
         "writer_process_over_thread": ("service-writer-process", "service-writer-thread"),
         "group_sync_over_file_sync": ("service", "service-file-sync"),
         "parallel_over_serial_models": ("service", "service-serial-models"),
+        "shadow_over_service": ("service-shadow", "service"),
     }.items():
         if a in summary and b in summary:
             summary[name] = {

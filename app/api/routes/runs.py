@@ -34,6 +34,82 @@ RESPONSES = {
 }
 
 
+_RUN = {
+    "id": 7,
+    "run_dir": "/srv/maxmin/runs/20261130-line3",
+    "created_at": "2026-11-30T06:10:00Z",
+    "model_versions": {"baseline": "baseline-seed1.safetensors:3f2a9c1d0b7e"},
+    "report_url": "/reports/7",
+}
+CHALLENGER_EXAMPLE = {
+    "champion": {**_RUN, "id": 6, "report_url": "/reports/6"},
+    "challenger": _RUN,
+    "shadow": {"enabled": True, "loaded": True, "problem": None},
+    "rollback_to": None,
+    "evidence": {
+        "challenger_run_id": 7,
+        "since": "2026-11-30T06:20:00Z",
+        "labelled": 412,
+        "models": {
+            "maxmin": {
+                "parts": 412,
+                "champion_accuracy": {"value": 0.951, "low": 0.926, "high": 0.968},
+                "challenger_accuracy": {"value": 0.961, "low": 0.938, "high": 0.976},
+                "only_champion_correct": 6,
+                "only_challenger_correct": 10,
+                "mcnemar_p_value": 0.454,
+            }
+        },
+        "rates": {
+            "escape_rate": {
+                "champion": {"value": 0.012, "low": 0.004, "high": 0.035},
+                "challenger": {"value": 0.008, "low": 0.002, "high": 0.029},
+            },
+            "false_reject_rate": {
+                "champion": {"value": 0.031, "low": 0.017, "high": 0.056},
+                "challenger": {"value": 0.027, "low": 0.014, "high": 0.051},
+            },
+        },
+        "rule": {
+            "on": "escape rate",
+            "min_labelled": 200,
+            "margin": 0.01,
+            "difference": {"difference": -0.004, "upper": 0.006, "parts": 251},
+            "ready": True,
+            "verdict": "ready to promote: on 412 labelled parts the challenger's escape rate is "
+            "at most 0.6 points above the champion's at 95 % confidence (margin 1.0 points), "
+            "and no model is less accurate",
+        },
+    },
+}
+HISTORY_EXAMPLE = {
+    "served": [
+        {
+            "run": _RUN,
+            "action": "promote",
+            "by": "ole (engineer)",
+            "from": "2026-11-30T09:00:00Z",
+            "until": None,
+            "previous_run_id": 6,
+            "models": {"maxmin": {"predictions": 5210, "labelled": 140, "accuracy": 0.964}},
+        }
+    ],
+    "events": [
+        {
+            "run_id": 7,
+            "action": "challenge",
+            "by": "maxmin-inspect train",
+            "at": "2026-11-30T06:20:00Z",
+            "note": "registered while another run serves",
+        }
+    ],
+}
+
+
+def _example(body: dict) -> dict:
+    return {200: {"content": {"application/json": {"example": body}}}}
+
+
 def _switchable(run: Run | None, run_id: int | None, settings) -> Run:  # noqa: ANN001
     if run is None:
         raise HTTPException(404, detail=f"run {run_id} not found")
@@ -87,7 +163,7 @@ def comparison(request: Request, session, settings) -> dict:  # noqa: ANN001
     return body
 
 
-@router.get("/runs/challenger")
+@router.get("/runs/challenger", responses=_example(CHALLENGER_EXAMPLE))
 def read_challenger(_: ManagerDep, request: Request, session: SessionDep, settings: SettingsDep):  # noqa: ANN201
     """The champion against the challenger on the parts labelled since the challenger started:
     paired accuracy per model with McNemar's test, escape and false-reject rates with intervals,
@@ -197,7 +273,7 @@ def history(session) -> tuple[list[dict], list[dict]]:  # noqa: ANN001
     return list(reversed(periods)), others
 
 
-@router.get("/runs/history")
+@router.get("/runs/history", responses=_example(HISTORY_EXAMPLE))
 def read_history(_: ManagerDep, session: SessionDep) -> dict:
     """Every run that served (newest first) with its dates, who chose it, and its live figures;
     and every champion and challenger event."""
