@@ -6,12 +6,23 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from inspectlib.decision import NEVER, choose_operating_point, decide, rates_at
+from app.crud.runs import register_run
+from app.tables import Run
+from inspectlib.decision import (
+    ANSWERS_FILE,
+    NEVER,
+    answers_of,
+    choose_from_answers,
+    choose_operating_point,
+    decide,
+    rates_at,
+)
 from maxmin_inspect.main import main
 from tests.helpers import png_bytes
 
@@ -194,3 +205,94 @@ def test_labelled_parts_are_exported_as_training_data(
 
     entries, _ = scan_source(out / "labels.csv")
     assert sorted(e.label for e in entries) == ["dent", "good", "scratch"]
+
+
+def test_the_kept_answers_choose_the_same_point_as_the_probabilities() -> None:
+    rng = np.random.default_rng(3)
+    prob = rng.dirichlet(np.ones(3), size=200)
+    y = rng.integers(0, 3, 200)
+    for target, good in ((0.0, 0), (0.02, 0), (0.3, None)):
+        kept = answers_of(prob, y)
+        a = choose_operating_point(prob, y, target, good)
+        b = choose_from_answers(kept["confidence"], kept["predicted"], kept["truth"], target, good)
+        assert b["threshold"] == pytest.approx(a["threshold"], abs=1e-6)
+        assert b["validation"] == pytest.approx(a["validation"])
+
+
+def test_an_admin_changes_a_runs_target_and_the_service_follows(
+    trained_run: Path,
+    tmp_path: Path,
+    service_client,  # noqa: ANN001
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    # Answers with known errors (the tiny run makes none): wrong at 0.6 and 0.8, so an error
+    # rate of 0 among accepted parts needs a threshold of 0.9.
+    kept = json.loads((run / ANSWERS_FILE).read_text())
+    val = {"confidence": [0.9, 0.6, 0.8, 0.7, 0.95, 0.8], "predicted": [0, 0, 0, 1, 0, 1]}
+    for name in kept:
+        kept[name]["validation"] = val | {"truth": [0, 1, 1, 1, 0, 1]}
+    (run / ANSWERS_FILE).write_text(json.dumps(kept))
+    url = f"sqlite:///{tmp_path / 'db' / 'maxmin.db'}"
+    with service_client(None, db_url=url, reload_seconds=0.2, runs_dir=tmp_path / "none") as client:
+        with client.app.state.sessions() as session:
+            run_id = register_run(session, run).id
+        served = client.app.state.models
+        deadline = time.monotonic() + 60
+        while served.classifier is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        html_before = (run / "report.html").stat().st_mtime_ns
+        r = client.put(f"/runs/{run_id}/operating-point", json={"max_escape_rate": 1.0})
+        assert r.status_code == 200, r.text
+        assert r.json()["thresholds"] == {"baseline": 0.0, "maxmin": 0.0}  # anything goes
+        assert r.json()["report_page"] == "updated"
+        assert (run / "report.html").stat().st_mtime_ns > html_before
+        while served.classifier.thresholds != {"baseline": 0.0, "maxmin": 0.0}:
+            assert time.monotonic() < deadline, served.classifier.thresholds
+            time.sleep(0.1)
+        r = client.put(f"/runs/{run_id}/operating-point", json={"max_escape_rate": 0.0})
+        strict = r.json()["thresholds"]
+        assert strict == {"baseline": 0.9, "maxmin": 0.9}
+        report = json.loads((run / "report.json").read_text())
+        point = report["models"]["maxmin"]["operating_point"]
+        assert point["target"] == 0.0 and point["set_by"] == "test-admin"
+        assert point["threshold"] == strict["maxmin"] and "test" in point
+        with client.app.state.sessions() as session:  # the database's copy follows
+            assert (
+                session.get(Run, run_id).report["models"]["maxmin"]["operating_point"]["threshold"]
+                == strict["maxmin"]
+            )
+        while served.classifier.thresholds != strict:
+            assert time.monotonic() < deadline, served.classifier.thresholds
+            time.sleep(0.1)
+        # Bad requests change nothing.
+        assert (
+            client.put(f"/runs/{run_id}/operating-point", json={"max_escape_rate": 1.5}).status_code
+            == 422
+        )
+        assert (
+            client.put("/runs/999/operating-point", json={"max_escape_rate": 0.1}).status_code
+            == 404
+        )
+        (run / ANSWERS_FILE).unlink()
+        r = client.put(f"/runs/{run_id}/operating-point", json={"max_escape_rate": 0.1})
+        assert r.status_code == 409 and ANSWERS_FILE in r.json()["detail"]
+        assert json.loads((run / "report.json").read_text()) == report
+
+
+def test_the_target_changes_from_the_command_line(
+    trained_run: Path,
+    tmp_path: Path,
+    capsys,  # noqa: ANN001
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["operating-point", str(run), "--max-escape-rate", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out and "threshold 0.0000" in out and "report.html" in out
+    report = json.loads((run / "report.json").read_text())
+    assert report["models"]["baseline"]["operating_point"]["target"] == 1.0
+    (run / ANSWERS_FILE).unlink()
+    assert main(["operating-point", str(run), "--max-escape-rate", "0.1"]) == 2
+    assert ANSWERS_FILE in capsys.readouterr().err

@@ -207,6 +207,20 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     )
     r.add_argument("run_dir", type=Path, help="a run directory written by 'train'")
 
+    o = sub.add_parser(
+        "operating-point",
+        help="choose a run's confidence thresholds again for another target",
+        description="Choose each model's confidence threshold of RUN_DIR again from the "
+        "validation answers the trainer kept: the lowest threshold that keeps the escape rate "
+        "(the run's good class) or the error rate among accepted parts under the target. "
+        "Rewrites report.json and report.html; a service serving the run follows within "
+        "MAXMIN_RELOAD_SECONDS.",
+    )
+    o.add_argument("run_dir", type=Path, help="a run directory written by 'train'")
+    o.add_argument(
+        "--max-escape-rate", type=float, required=True, help="the new target, from 0 to 1"
+    )
+
     d = sub.add_parser(
         "demo-data",
         help="generate a synthetic parts dataset",
@@ -231,7 +245,12 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         "80-400 px in many aspect ratios, faint small defects (--per-class and --image-size "
         "do not apply)",
     )
-    return {"train": train, "report": _report, "demo-data": _demo}
+    return {
+        "train": train,
+        "report": _report,
+        "operating-point": _operating_point,
+        "demo-data": _demo,
+    }
 
 
 def train(args: argparse.Namespace) -> int:
@@ -339,6 +358,23 @@ def _report(args: argparse.Namespace) -> int:
     from training.report import rerender
 
     print(f"Wrote {rerender(args.run_dir)}")
+    return 0
+
+
+def _operating_point(args: argparse.Namespace) -> int:
+    import getpass
+
+    from inspectlib.decision import retarget_run
+    from training.report import rerender
+
+    points = retarget_run(args.run_dir, args.max_escape_rate, f"{getpass.getuser()} (command line)")
+    for name, point in points.items():
+        v = point["validation"]
+        print(
+            f"{name:12} threshold {point['threshold']:.4f}: {point['kind'].replace('_', ' ')} "
+            f"{v['rate'] * 100:.2f}%, review {v['review_rate'] * 100:.1f}% on the validation split"
+        )
+    print(f"Wrote {args.run_dir / 'report.json'} and {rerender(args.run_dir)}")
     return 0
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from inspectlib import defaults
 from inspectlib.checkpoint import save_checkpoint
-from inspectlib.decision import choose_operating_point, rates_at
+from inspectlib.decision import ANSWERS_FILE, answers_of, choose_operating_point, rates_at
 from inspectlib.device import resolve_device
 from inspectlib.stats import mcnemar, mean_std, paired_bootstrap, rate_interval
 from models import create_model, list_models
@@ -222,6 +222,7 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
         "data_fingerprint": ds.fingerprint,
     }
     models_report: dict[str, Any] = {}
+    kept_answers: dict[str, Any] = {}
     for arch, runs in results.items():
         models_report[arch] = _model_section(
             arch, runs, ds, test_y, meta_common, out, device, cfg.latency_budget_s, metric, good
@@ -229,6 +230,14 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
         models_report[arch]["operating_point"] = _operating_point(
             runs, models_report[arch], ds, test_y, good, cfg.max_escape_rate
         )
+        deployed = _deployed_run(runs, models_report[arch])
+        if deployed is not None and deployed.val_prob is not None:
+            val_y = ds.labels[torch.as_tensor(ds.indices("val"))].numpy()
+            kept_answers[arch] = {
+                "seed": deployed.seed,
+                "validation": answers_of(deployed.val_prob, val_y),
+                "test": answers_of(deployed.test_prob, test_y),
+            }
         models_report[arch]["recipe"] = recipes[arch]
         models_report[arch]["retries"] = retries[arch]
     comparison = _comparison(results, models_report, test_y, metric, k)
@@ -288,6 +297,9 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
     }
     report["run"]["wall_seconds"] = round(time.perf_counter() - started, 3)
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    # The deployed checkpoints' answers on validation and test, so that the operating point's
+    # target can be changed later (inspectlib.decision.retarget_run) without the images.
+    (out / ANSWERS_FILE).write_text(json.dumps(kept_answers))
     write_html(report, out / "report.html")
     return out
 
@@ -478,6 +490,12 @@ def _model_section(
     }
 
 
+def _deployed_run(runs: list[RunResult], section: dict) -> RunResult | None:
+    """The seed whose checkpoint the run deploys."""
+    path = section["checkpoint"]
+    return next((r for r in runs if path and path.endswith(f"-seed{r.seed}")), None)
+
+
 def _operating_point(
     runs: list[RunResult],
     section: dict,
@@ -488,8 +506,7 @@ def _operating_point(
 ) -> dict | None:
     """The deployed checkpoint's confidence threshold, chosen on the validation split, and what it
     gives on the test split (``inspectlib.decision``)."""
-    path = section["checkpoint"]
-    run = next((r for r in runs if path and path.endswith(f"-seed{r.seed}")), None)
+    run = _deployed_run(runs, section)
     if run is None or run.val_prob is None:
         return None
     val_y = ds.labels[torch.as_tensor(ds.indices("val"))].numpy()

@@ -93,16 +93,37 @@ class ServedRun:
                     raise ModelsUnavailable(f"models {names} disagree on {key}; serve one run")
         self.classes: list[str] = first["classes"]
         self.preprocess: Preprocess = preprocess_of(first)
-        # The operating point (inspectlib.decision): each model's confidence threshold, chosen at
-        # training time; runs trained before it have none, and then only disagreement goes to
-        # review.
-        self.thresholds: dict[str, float | None] = {
-            name: (report["models"][name].get("operating_point") or {}).get("threshold")
-            for name in names
-        }
+        self._report_file = report_file
+        self._report_mtime = report_file.stat().st_mtime_ns
+        self.thresholds = self._thresholds(report, names)
         self.good_class: str | None = (report.get("metric") or {}).get("good_class")
         self.run_name = self.run_dir.name
         self.batcher = None  # the micro-batcher feeding these models, set by the service
+
+    @staticmethod
+    def _thresholds(report: dict, names: list[str]) -> dict[str, float | None]:
+        """The operating point (inspectlib.decision): each model's confidence threshold, chosen
+        at training time or set again since; runs trained before it have none, and then only
+        disagreement goes to review."""
+        return {
+            name: (report["models"][name].get("operating_point") or {}).get("threshold")
+            for name in names
+        }
+
+    def refresh_thresholds(self) -> bool:
+        """Read the thresholds again when ``report.json`` has changed (a new target, see
+        ``inspectlib.decision.retarget_run``); True when they were replaced."""
+        try:
+            mtime = self._report_file.stat().st_mtime_ns
+            if mtime == self._report_mtime:
+                return False
+            report = json.loads(self._report_file.read_text())
+            thresholds = self._thresholds(report, list(self.models))
+        except (OSError, ValueError, KeyError):
+            return False  # being rewritten or gone: keep the thresholds in use
+        self._report_mtime = mtime
+        self.thresholds = thresholds  # one assignment: a request sees the old or the new ones
+        return True
 
     def decode(
         self,

@@ -236,6 +236,8 @@ class ServedModels:
         if current is not None and current.run_dir.resolve() == run_dir:
             self.reload_error = self.failed_run = None  # e.g. a failed choice undone
             self.host_down = False
+            if current.refresh_thresholds():
+                log.info("new operating point for %s: %s", run_dir, current.thresholds)
             return False
         failed = self.failed_run
         if failed is not None and failed[0] == run_dir and time.monotonic() - failed[1] < retry_s:

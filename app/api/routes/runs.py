@@ -6,9 +6,12 @@ since the challenger started and says whether the promotion rule is met (docs/se
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, Field
 from sqlalchemy import case, func, select
 
 from app.api.deps import AdminDep, ManagerDep, RowId, SessionDep, SettingsDep
@@ -19,12 +22,14 @@ from app.crud.runs import (
     champion,
     make_challenger,
     promote,
+    register_run,
     rollback,
     rollback_target,
     run_events,
     withdraw_challenger,
 )
 from app.tables import ModelOutput, Prediction, Run
+from inspectlib.decision import RetargetError, retarget_run
 
 router = APIRouter(tags=["champion and challenger"])
 
@@ -216,6 +221,52 @@ def withdraw_run(who: AdminDep, run_id: RowId, session: SessionDep) -> dict:
     except ValueError as exc:
         raise HTTPException(409, detail=str(exc)) from None
     return {"withdrawn": _brief(run)}
+
+
+class OperatingTarget(BaseModel):
+    max_escape_rate: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="the escape rate (with the run's good class) or the error rate among "
+        "accepted parts that each model's threshold keeps on the validation split",
+        examples=[0.01],
+    )
+
+
+@router.put("/runs/{run_id}/operating-point", responses=RESPONSES)
+def set_operating_point(
+    who: AdminDep, run_id: RowId, body: OperatingTarget, session: SessionDep
+) -> dict:
+    """Choose the run's confidence thresholds again for another target, from the validation
+    answers its training kept; the service applies them within `MAXMIN_RELOAD_SECONDS` (a served
+    run or the challenger alike). The report (JSON and page) shows the new point and who set it."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise HTTPException(404, detail=f"run {run_id} not found")
+    try:
+        points = retarget_run(Path(run.run_dir), body.max_escape_rate, who.name)
+    except RetargetError as exc:
+        raise HTTPException(409, detail=str(exc)) from None
+    except OSError as exc:
+        raise HTTPException(409, detail=f"cannot rewrite the run's report: {exc}") from None
+    register_run(session, Path(run.run_dir))  # the database's copy of the report follows
+    # The report page is rendered by the trainer's code, in a process of its own (the service
+    # does not import the trainer).
+    rendered = subprocess.run(
+        [sys.executable, "-m", "training.cli", "report", run.run_dir],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return {
+        "run_id": run.id,
+        "target": body.max_escape_rate,
+        "thresholds": {name: p["threshold"] for name, p in points.items()},
+        "validation": {name: p["validation"] for name, p in points.items()},
+        "report_page": "updated"
+        if rendered.returncode == 0
+        else f"not updated: {rendered.stderr.strip()[-300:]}",
+    }
 
 
 def history(session) -> tuple[list[dict], list[dict]]:  # noqa: ANN001
