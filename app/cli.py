@@ -103,15 +103,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
 
 
 def _export_labels(args: argparse.Namespace) -> int:
-    import csv
-    import json
-    import re
-    import shutil
 
     from app.core.config import Settings
     from app.core.db import command_session
     from app.core.storage import ImageStore
-    from app.crud.exports import labelled_images
+    from app.crud.exports import labelled_images, write_export
 
     settings = Settings()
     out: Path = args.out
@@ -120,31 +116,7 @@ def _export_labels(args: argparse.Namespace) -> int:
     store = ImageStore(settings.images_dir, settings.image_sync)
     with command_session(settings.db_url) as session:
         rows = labelled_images(session, args.since, args.source)
-    suffix = {"image/png": ".png", "image/bmp": ".bmp", "image/tiff": ".tif"}
-    written, missing = [], []
-    for r in rows:
-        src = store.path(r.sha256)
-        if not src.is_file():
-            missing.append(r.sha256)
-            continue
-        folder = re.sub(r"[^A-Za-z0-9._ -]", "_", r.label).strip(". ") or "_"
-        dst = out / folder / f"{r.sha256}{suffix.get(r.content_type, '.jpg')}"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-        written.append((dst, r))
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(
-            ["path", "label", "sha256", "labelled_by", "labelled_at", "prediction_id", "source",
-             "part_id", "model_versions"]
-        )  # fmt: skip
-        for dst, r in written:
-            w.writerow(
-                [dst.relative_to(out).as_posix(), r.label, r.sha256, r.labelled_by or "",
-                 r.labelled_at.isoformat() if r.labelled_at else "", r.prediction_id,
-                 r.source or "", r.part_id or "", json.dumps(r.model_versions, sort_keys=True)]
-            )  # fmt: skip
+    written, missing = write_export(rows, store, out)
     labels = sorted({r.label for _, r in written})
     print(f"Exported {len(written)} labelled image(s) in {len(labels)} class(es) to {out}.")
     if missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -193,7 +194,18 @@ class TrainingRequest(BaseModel):
         json_schema_extra={"examples": [{"dataset": "line3-parts", "epochs": 30, "seeds": 3}]},
     )
 
-    dataset: str = Field(min_length=1, max_length=100, description="a folder name, no path")
+    dataset: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="a folder name, no path; not needed with inspected=alone",
+    )
+    inspected: Literal["none", "alone", "merged"] = Field(
+        default="none",
+        description="train on the parts inspectors labelled: alone, or merged with the dataset "
+        "folder; the test split then holds only labelled parts the served models never "
+        "trained on",
+    )
     models: list[str] = Field(default=list(defaults.MODELS), min_length=1, max_length=10)
     epochs: int = Field(default=defaults.EPOCHS, ge=1, le=defaults.EPOCHS_MAX)
     seeds: int = Field(default=defaults.SEEDS, ge=1, le=defaults.SEEDS_MAX)

@@ -142,6 +142,21 @@ def test_the_engineer_trains_from_the_page_and_opens_the_report(
     server, manager_key, admin_key = server
     from playwright.sync_api import expect, sync_playwright
 
+    for i in range(9):  # parts from the line, labelled by inspectors: trained on with the folder
+        r = httpx.post(
+            f"{server}/predict",
+            files=[("files", (f"{i}.png", png_bytes(200 + i), "image/png"))],
+            headers={"X-API-Key": admin_key},
+            timeout=30,
+        )
+        pid = r.json()["data"][0]["id"]
+        r = httpx.put(
+            f"{server}/predictions/{pid}/label",
+            json={"label": CLASSES[i % 3]},
+            headers={"X-API-Key": admin_key},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
@@ -156,12 +171,16 @@ def test_the_engineer_trains_from_the_page_and_opens_the_report(
             page.click("#login-button")
             expect(page).to_have_url(f"{server}/training")
             expect(page.locator("#datasets")).to_contain_text("line 3 parts")
+            expect(page.locator("#train-on")).to_contain_text("inspected parts")
+            page.check("input[name=inspected][value=merged]")
             page.uncheck("input[name=models][value=maxmin_half]")
             page.fill("input[name=epochs]", "2")
             page.fill("input[name=seeds]", "1")
             page.fill("input[name=size]", "24")
             page.click("#start")
-            expect(page.locator("#status")).to_contain_text("started on line 3 parts")
+            expect(page.locator("#status")).to_contain_text(
+                "started on line 3 parts + inspected parts"
+            )
             job = page.locator("tr.job").first
             expect(job.locator(".state")).to_have_text("done", timeout=180_000)
             # Registered, not yet served: the engineer chooses to serve it, without a restart.

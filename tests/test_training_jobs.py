@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from collections.abc import Iterator
@@ -14,9 +15,10 @@ from sqlalchemy import func, select
 
 from app.core.config import Settings
 from app.core.db import upgrade
+from app.crud.runs import register_run
 from app.main import create_app
 from app.tables import Run, TrainingJob
-from tests.helpers import CLASSES, make_key, write_folder
+from tests.helpers import CLASSES, make_key, png_bytes, write_folder
 
 SMALL = {"models": ["baseline", "maxmin"], "epochs": 2, "seeds": 1, "size": 24}
 
@@ -181,3 +183,78 @@ def test_cancel_stops_the_trainer_and_frees_the_slot(client: TestClient) -> None
     r = client.post("/training/jobs", json={"dataset": "parts", **SMALL, "epochs": 1})
     assert r.status_code == 202, r.text
     assert wait_until_ended(client, r.json()["id"])["state"] == "done"
+
+
+def _label_new_parts(client: TestClient, seeds: range) -> None:
+    """A line posts parts and inspectors label them (the class from the seed)."""
+    for i in seeds:
+        r = client.post("/predict", files=[("files", (f"{i}.png", png_bytes(i), "image/png"))])
+        assert r.status_code == 200, r.text
+        pid = r.json()["data"][0]["id"]
+        label = CLASSES[i % len(CLASSES)]
+        assert client.put(f"/predictions/{pid}/label", json={"label": label}).status_code == 200
+
+
+def _manifest(job: dict) -> list[dict]:
+    data = Path(job["run_dir"] + ".data") / "labels.csv"
+    with data.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_job_trains_on_inspected_parts_and_tests_on_parts_never_trained_on(
+    trained_run: Path,
+    datasets: Path,
+    tmp_path: Path,
+    service_client,  # noqa: ANN001
+) -> None:
+    options = {"runs_dir": tmp_path / "runs", "datasets_dir": datasets, "reload_seconds": 0.2}
+    with service_client(None, **options) as client:
+        with client.app.state.sessions() as session:
+            register_run(session, trained_run)  # the champion, trained on other images
+        deadline = time.monotonic() + 60
+        while client.app.state.models.classifier is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        r = client.post("/training/jobs", json={"inspected": "alone", **SMALL})
+        assert r.status_code == 422 and "too few" in r.json()["detail"]  # nothing labelled yet
+        _label_new_parts(client, range(18))
+        page = client.get("/training")
+        assert "the inspected parts (18 labelled)" in page.text
+
+        r = client.post("/training/jobs", json={"inspected": "alone", **SMALL})
+        assert r.status_code == 202, r.text
+        first = r.json()
+        assert first["dataset"] == "inspected parts"
+        rows = _manifest(first)
+        assert len(rows) == 18 and {r["split"] for r in rows} == {"train", "test"}
+        assert sum(r["split"] == "test" for r in rows) == 6  # 2 of each class's 6
+        assert wait_until_ended(client, first["id"])["state"] == "done"
+        with client.app.state.sessions() as session:
+            new = session.execute(select(Run).where(Run.run_dir == first["run_dir"])).scalar_one()
+            assert new.challenger_since is not None  # registered beside the champion
+        with (Path(first["run_dir"]) / "split.csv").open(newline="", encoding="utf-8") as fh:
+            split = list(csv.DictReader(fh))
+        tested = {Path(r["path"]).stem for r in split if r["split"] == "test"}
+        assert tested == {r["sha256"] for r in rows if r["split"] == "test"}
+        trained = {Path(r["path"]).stem for r in split if r["split"] in ("train", "val")}
+
+        # The run trained on inspected parts serves; more parts are labelled; the next job's
+        # test split must leave out every part that run trained on.
+        assert client.post(f"/runs/{new.id}/promote").status_code == 202
+        _label_new_parts(client, range(100, 109))
+        r = client.post("/training/jobs", json={"inspected": "merged", "dataset": "parts", **SMALL})
+        assert r.status_code == 202, r.text
+        second = r.json()
+        assert second["dataset"] == "parts + inspected parts"
+        rows = _manifest(second)
+        inspected = [r for r in rows if r["sha256"]]
+        folder = [r for r in rows if not r["sha256"]]
+        assert len(inspected) == 27 and len(folder) == 30
+        assert all(r["split"] == "train" and Path(r["path"]).is_file() for r in folder)
+        test = {r["sha256"] for r in inspected if r["split"] == "test"}
+        assert test and not test & trained
+        assert {r["sha256"] for r in inspected if r["sha256"] in trained} <= {
+            r["sha256"] for r in inspected if r["split"] == "train"
+        }
+        assert client.post(f"/training/jobs/{second['id']}/cancel").status_code == 200
+        assert wait_until_ended(client, second["id"])["state"] == "cancelled"

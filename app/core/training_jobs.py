@@ -8,14 +8,22 @@ job reads that file and, once the run has ended, records the outcome and registe
 a job's state is right whichever worker started it, and after a restart of the service too (the
 training process runs on in its own session). Only names of folders directly under the datasets
 directory are accepted: the page cannot be used to read other folders of the server.
+
+A job can also train on the parts inspectors labelled, alone or merged with a dataset folder
+(``inspected_manifest``): their images are exported beside the run with a manifest whose test split
+holds only labelled parts the served models never trained on, so the new run is judged on the
+line's own parts, not on what the champion already saw.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,8 +39,10 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core.storage import ImageStore
 from app.crud.errors import NotFound
-from app.crud.runs import register_run
+from app.crud.exports import LabelledImage, labelled_images, write_export
+from app.crud.runs import champion, register_run
 from app.tables import Run, TrainingJob
 from inspectlib.datasets import DataError, scan_source
 from inspectlib.progress import read_status
@@ -98,6 +108,67 @@ def _dataset_folder(root: Path, name: str) -> Path:
     return folder
 
 
+TEST_SHARE = 0.3  # of each class's labelled parts the served models never trained on
+
+
+def _trained_on(session: Session) -> set[str]:
+    """The sha256 of every image the served run trained or validated on (from its split.csv)."""
+    run = champion(session)
+    if run is None or not (Path(run.run_dir) / "split.csv").is_file():
+        return set()
+    shas = set()
+    with (Path(run.run_dir) / "split.csv").open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            path = Path(row.get("path") or "")
+            if row.get("split") in ("train", "val") and path.is_file():
+                shas.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    return shas
+
+
+def inspected_manifest(
+    session: Session, store: ImageStore, out: Path, folder: Path | None
+) -> tuple[Path, dict[str, int]]:
+    """Export the labelled parts into ``out`` with a manifest for the trainer: parts the served
+    run trained on go to the training split, and of the others, per class, every third or so
+    (by hash, so the choice is stable) to the test split; a dataset ``folder``, when given, is
+    added to the training split. Returns the manifest and the counts per split."""
+    rows = labelled_images(session)
+    seen = _trained_on(session)
+    fresh: dict[str, list[LabelledImage]] = {}
+    for r in rows:
+        if r.sha256 not in seen:
+            fresh.setdefault(r.label, []).append(r)
+    test: set[str] = set()
+    for parts in fresh.values():
+        parts = sorted(parts, key=lambda r: r.sha256)
+        take = round(len(parts) * TEST_SHARE) if len(parts) >= 2 else 0
+        test.update(r.sha256 for r in parts[: max(take, 1 if len(parts) >= 2 else 0)])
+    written, _ = write_export(rows, store, out, lambda r: "test" if r.sha256 in test else "train")
+    labels = {r.label for _, r in written}
+    counts = {
+        "inspected": len(written),
+        "test": sum(1 for _, r in written if r.sha256 in test),
+        "trained_on_before": sum(1 for _, r in written if r.sha256 in seen),
+        "dataset": 0,
+    }
+    if folder is not None:
+        entries, _ = scan_source(folder)
+        with (out / "labels.csv").open("a", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            for e in entries:
+                w.writerow([str(e.path.resolve()), e.label, *[""] * 7, "train"])
+        labels |= {e.label for e in entries}
+        counts["dataset"] = len(entries)
+    if len(labels) < 2 or counts["test"] == 0:
+        raise TrainingRefused(
+            422,
+            f"the inspected parts are too few to train and test on: {len(written)} labelled "
+            f"part(s) in {len({r.label for _, r in written})} class(es), {counts['test']} of them "
+            "never trained on for the test split; label more parts (two or more per class)",
+        )
+    return out / "labels.csv", counts
+
+
 def alive(job: TrainingJob) -> bool:
     """Whether the job's training process still runs (a pid reused since does not count)."""
     if job.pid is None:
@@ -122,20 +193,42 @@ def start(
     datasets_dir: Path,
     runs_dir: Path,
     device: str,
-    dataset: str,
+    dataset: str | None,
     options: TrainingOptions,
     requested_by: str,
+    inspected: str = "none",
+    store: ImageStore | None = None,
 ) -> TrainingJob:
-    """Check the request, claim the single training slot, and start the trainer."""
-    folder = _dataset_folder(datasets_dir, dataset)
+    """Check the request, claim the single training slot, and start the trainer. ``inspected``:
+    none (the dataset folder), alone (the labelled parts) or merged (both)."""
+    folder = None
+    if inspected != "alone":
+        if not dataset:
+            raise TrainingRefused(422, "choose a dataset folder")
+        folder = _dataset_folder(datasets_dir, dataset)
     if busy := _running(session):
         raise TrainingRefused(409, f"training job {busy[0].id} is still running; one at a time")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", dataset)
+    name = {"alone": "inspected parts", "merged": f"{dataset} + inspected parts"}.get(
+        inspected, dataset or ""
+    )
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
     run_dir = (runs_dir / f"{stamp}-{safe}").resolve()
+    source = folder
+    if inspected in ("alone", "merged"):
+        if store is None:
+            raise ValueError("training on inspected parts needs the image store")
+        data_dir = runs_dir.resolve() / f"{stamp}-{safe}.data"
+        if data_dir.exists():
+            raise TrainingRefused(409, f"{data_dir} exists already; try again in a second")
+        try:
+            source, _ = inspected_manifest(session, store, data_dir, folder)
+        except TrainingRefused:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            raise
     job = TrainingJob(
         state="running",
-        dataset=dataset,
+        dataset=name,
         run_dir=str(run_dir),
         options=asdict(options),
         requested_by=requested_by,
@@ -153,7 +246,7 @@ def start(
         session.commit()
         raise TrainingRefused(409, f"training job {first_id} is still running; one at a time")
     try:
-        proc = _launch(folder, run_dir, device, options)
+        proc = _launch(source, run_dir, device, options)
     except OSError as exc:
         _finish(session, job, "failed", f"the trainer could not start: {exc}")
         return job

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.storage import ImageStore
 from app.crud.errors import as_utc, check_text
 from app.tables import Prediction, StoredImage
 
@@ -55,3 +62,44 @@ def labelled_images(
             model_versions={o.model_name: o.model_version for o in pred.outputs},
         )
     return sorted(latest.values(), key=lambda r: r.prediction_id)
+
+
+SUFFIX = {"image/png": ".png", "image/bmp": ".bmp", "image/tiff": ".tif"}
+COLUMNS = [
+    "path", "label", "sha256", "labelled_by", "labelled_at", "prediction_id", "source", "part_id",
+    "model_versions",
+]  # fmt: skip
+
+
+def write_export(
+    rows: list[LabelledImage],
+    store: ImageStore,
+    out: Path,
+    split_of: Callable[[LabelledImage], str] | None = None,
+) -> tuple[list[tuple[Path, LabelledImage]], list[str]]:
+    """Copy each labelled image into ``out/<label>/<sha256>.<ext>`` and list them in
+    ``out/labels.csv`` (a manifest the trainer reads), with ``split`` from ``split_of`` when
+    given. Returns the files written and the hashes missing from the store."""
+    written, missing = [], []
+    for r in rows:
+        src = store.path(r.sha256)
+        if not src.is_file():
+            missing.append(r.sha256)
+            continue
+        folder = re.sub(r"[^A-Za-z0-9._ -]", "_", r.label).strip(". ") or "_"
+        dst = out / folder / f"{r.sha256}{SUFFIX.get(r.content_type, '.jpg')}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        written.append((dst, r))
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(COLUMNS + (["split"] if split_of else []))
+        for dst, r in written:
+            w.writerow(
+                [dst.relative_to(out).as_posix(), r.label, r.sha256, r.labelled_by or "",
+                 r.labelled_at.isoformat() if r.labelled_at else "", r.prediction_id,
+                 r.source or "", r.part_id or "", json.dumps(r.model_versions, sort_keys=True)]
+                + ([split_of(r)] if split_of else [])
+            )  # fmt: skip
+    return written, missing

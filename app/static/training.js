@@ -111,14 +111,16 @@
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       const data = new FormData(form);
+      const inspected = data.get("inspected") || "none";
       const body = {
-        dataset: data.get("dataset"),
+        dataset: inspected === "alone" ? null : data.get("dataset"),
+        inspected,
         models: data.getAll("models"),
         epochs: Number(data.get("epochs")),
         seeds: Number(data.get("seeds")),
         size: Number(data.get("size")),
       };
-      if (!body.dataset) { status.textContent = "Choose a dataset."; return; }
+      if (!body.dataset && inspected !== "alone") { status.textContent = "Choose a dataset."; return; }
       status.textContent = "Starting…";
       const [res, payload] = await post("/training/jobs", body);
       status.textContent = res.ok

@@ -22,6 +22,7 @@ from app.core.security import (
     start_session,
 )
 from app.core.training_jobs import list_datasets
+from app.crud.exports import labelled_images
 from app.crud.live_ab import compute_stats, decision_stats, served_versions
 from app.crud.predictions import PredictionFilter, list_predictions
 from app.crud.runs import list_runs
@@ -193,7 +194,7 @@ def history_page(request: Request, session: SessionDep) -> Response:
 
 
 @router.get("/training", response_class=HTMLResponse)
-def training_page(request: Request) -> Response:
+def training_page(request: Request, session: SessionDep) -> Response:
     """The engineer's page: start a PoC run on a dataset folder, follow it, open its report."""
     who = _page_user(request, "admin")
     if not isinstance(who, Principal):
@@ -206,6 +207,7 @@ def training_page(request: Request) -> Response:
         {
             "root": root.resolve(),
             "datasets": list_datasets(root),
+            "labelled": len(labelled_images(session)),
             "models": list_models(),
             "defaults": TrainingRequest.model_fields,
             "who": who,

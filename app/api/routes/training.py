@@ -76,6 +76,8 @@ def start_job(
             body.dataset,
             options,
             who.name,
+            body.inspected,
+            request.app.state.store,
         )
     except jobs.TrainingRefused as exc:
         raise HTTPException(exc.status, detail=str(exc)) from None
