@@ -219,13 +219,17 @@ def test_the_kept_answers_choose_the_same_point_as_the_probabilities() -> None:
         assert b["validation"] == pytest.approx(a["validation"])
 
 
+@pytest.fixture
+def run(trained_run: Path, tmp_path: Path) -> Path:
+    """A copy of the shared run, for tests that change it."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
 def test_an_admin_changes_a_runs_target_and_the_service_follows(
-    trained_run: Path,
+    run: Path,
     tmp_path: Path,
     service_client,  # noqa: ANN001
 ) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
     # Answers with known errors (the tiny run makes none): wrong at 0.6 and 0.8, so an error
     # rate of 0 among accepted parts needs a threshold of 0.9.
     kept = json.loads((run / ANSWERS_FILE).read_text())
@@ -281,13 +285,7 @@ def test_an_admin_changes_a_runs_target_and_the_service_follows(
         assert json.loads((run / "report.json").read_text()) == report
 
 
-def test_the_target_changes_from_the_command_line(
-    trained_run: Path,
-    tmp_path: Path,
-    capsys,  # noqa: ANN001
-) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
+def test_the_target_changes_from_the_command_line(run: Path, capsys) -> None:  # noqa: ANN001
     assert main(["operating-point", str(run), "--max-escape-rate", "1"]) == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "threshold 0.0000" in out and "report.html" in out

@@ -260,6 +260,24 @@ def _build_items(
     return items
 
 
+async def _decode_in_pool(
+    request: Request,
+    classifier: ServedRun,
+    uploads: list[tuple[str | None, bytes]],
+    settings: Settings,
+) -> list[Decoded]:
+    """``_decode_all`` in the worker's decoding pool: a small pool of its own, since decoding in
+    the default pool of 40 threads thrashes the GIL and starves the event loop under load."""
+    return await asyncio.get_running_loop().run_in_executor(
+        request.app.state.decode_pool,
+        _decode_all,
+        classifier,
+        uploads,
+        settings,
+        request.app.state.decode_budget,
+    )
+
+
 async def _shadow_answers(
     request: Request,
     settings: Settings,
@@ -278,14 +296,7 @@ async def _shadow_answers(
     metrics = request.app.state.metrics.shadow
     try:
         if challenger.preprocess != champion.preprocess:  # another size or channels: decode again
-            mine = await asyncio.get_running_loop().run_in_executor(
-                request.app.state.decode_pool,
-                _decode_all,
-                challenger,
-                uploads,
-                settings,
-                request.app.state.decode_budget,
-            )
+            mine = await _decode_in_pool(request, challenger, uploads, settings)
             arrays = np.stack([d.array for d in mine])
         result = await asyncio.wrap_future(challenger.batcher.submit(arrays))
     except Exception as exc:  # noqa: BLE001 - overloaded, model process down, a bad decode
@@ -341,16 +352,7 @@ async def create_prediction(
     t0 = time.perf_counter()
     uploads, source, part_id = await _read_uploads(request, settings)
     t1 = time.perf_counter()
-    # A small pool of its own: decoding in the default pool of 40 threads thrashes the GIL and
-    # starves the event loop under load.
-    decoded = await asyncio.get_running_loop().run_in_executor(
-        request.app.state.decode_pool,
-        _decode_all,
-        classifier,
-        uploads,
-        settings,
-        request.app.state.decode_budget,
-    )
+    decoded = await _decode_in_pool(request, classifier, uploads, settings)
     t2 = time.perf_counter()
     batcher = classifier.batcher  # these models' own: a switch of runs cannot mix them up
     arrays = np.stack([d.array for d in decoded])

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
 from app.api.deps import AdminDep, ManagerDep, RowId, SessionDep, SettingsDep
+from app.api.routes.runs import switchable
 from app.crud.errors import as_utc
 from app.crud.runs import choose_to_serve, list_runs
 from app.schemas import RunPublic, RunsPublic, RunSummary
@@ -56,19 +57,7 @@ def serve_report(
     """Serve this run's models: every worker loads them beside the current ones and switches
     within `MAXMIN_RELOAD_SECONDS`, without a restart; requests in flight finish on the models
     they started with. `/readyz` names the run being served."""
-    run = session.get(Run, run_id)
-    if run is None:
-        raise HTTPException(404, detail=f"report {run_id} not found")
-    if settings.run_dir is not None:
-        raise HTTPException(
-            409, detail=f"MAXMIN_RUN_DIR pins the served run to {settings.run_dir}; unset it first"
-        )
-    if settings.reload_seconds <= 0:
-        raise HTTPException(
-            409, detail="MAXMIN_RELOAD_SECONDS is 0: the service switches runs only at a restart"
-        )
-    if not (Path(run.run_dir) / "report.json").is_file():
-        raise HTTPException(409, detail=f"run directory {run.run_dir} is missing or incomplete")
+    run = switchable(session.get(Run, run_id), run_id, settings)
     choose_to_serve(session, run, who.name)
     return RunSummary(**_summary(run, _serving(request)))
 

@@ -115,7 +115,8 @@ def _example(body: dict) -> dict:
     return {200: {"content": {"application/json": {"example": body}}}}
 
 
-def _switchable(run: Run | None, run_id: int | None, settings) -> Run:  # noqa: ANN001
+def switchable(run: Run | None, run_id: int | None, settings) -> Run:  # noqa: ANN001
+    """``run`` if the service may switch to it now; else the 404 or 409 that says why not."""
     if run is None:
         raise HTTPException(404, detail=f"run {run_id} not found")
     if settings.run_dir is not None:
@@ -129,6 +130,14 @@ def _switchable(run: Run | None, run_id: int | None, settings) -> Run:  # noqa: 
     if not (Path(run.run_dir) / "report.json").is_file():
         raise HTTPException(409, detail=f"run directory {run.run_dir} is missing or incomplete")
     return run
+
+
+def _or_409(action, *args):  # noqa: ANN001, ANN002, ANN202
+    """``action(*args)``, its ValueError (a state that does not allow it) answered as 409."""
+    try:
+        return action(*args)
+    except ValueError as exc:
+        raise HTTPException(409, detail=str(exc)) from None
 
 
 def _brief(run: Run | None) -> dict | None:
@@ -180,11 +189,8 @@ def read_challenger(_: ManagerDep, request: Request, session: SessionDep, settin
 def promote_run(who: AdminDep, run_id: RowId, session: SessionDep, settings: SettingsDep) -> dict:
     """The challenger becomes the champion: every worker switches to its models within
     `MAXMIN_RELOAD_SECONDS`. Recorded with who and when; `POST /runs/rollback` undoes it."""
-    run = _switchable(session.get(Run, run_id), run_id, settings)
-    try:
-        promote(session, run, who.name)
-    except ValueError as exc:
-        raise HTTPException(409, detail=str(exc)) from None
+    run = switchable(session.get(Run, run_id), run_id, settings)
+    _or_409(promote, session, run, who.name)
     return {"champion": _brief(run)}
 
 
@@ -194,7 +200,7 @@ def rollback_run(who: AdminDep, session: SessionDep, settings: SettingsDep) -> d
     target = rollback_target(session)
     if target is None:
         raise HTTPException(409, detail="no earlier champion to roll back to")
-    _switchable(target, target.id, settings)
+    switchable(target, target.id, settings)
     rollback(session, who.name)
     return {"champion": _brief(target)}
 
@@ -202,11 +208,8 @@ def rollback_run(who: AdminDep, session: SessionDep, settings: SettingsDep) -> d
 @router.post("/runs/{run_id}/challenge", status_code=202, responses=RESPONSES)
 def challenge_run(who: AdminDep, run_id: RowId, session: SessionDep, settings: SettingsDep) -> dict:
     """Put this run in shadow as the challenger (replacing any other)."""
-    run = _switchable(session.get(Run, run_id), run_id, settings)
-    try:
-        make_challenger(session, run, who.name)
-    except ValueError as exc:
-        raise HTTPException(409, detail=str(exc)) from None
+    run = switchable(session.get(Run, run_id), run_id, settings)
+    _or_409(make_challenger, session, run, who.name)
     return {"challenger": _brief(run)}
 
 
@@ -216,10 +219,7 @@ def withdraw_run(who: AdminDep, run_id: RowId, session: SessionDep) -> dict:
     run = session.get(Run, run_id)
     if run is None:
         raise HTTPException(404, detail=f"run {run_id} not found")
-    try:
-        withdraw_challenger(session, run, who.name)
-    except ValueError as exc:
-        raise HTTPException(409, detail=str(exc)) from None
+    _or_409(withdraw_challenger, session, run, who.name)
     return {"withdrawn": _brief(run)}
 
 
