@@ -5,6 +5,9 @@ CLI := $(VENV)/bin/maxmin-inspect
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= runs/demo
 PORT ?= 8000
+# Test processes: many tests wait on a server, a model process or a trainer, so two share even two
+# cores well; more cost memory (each loads its own models).
+TEST_WORKERS ?= 2
 
 .PHONY: install run test lint clean
 
@@ -28,7 +31,7 @@ run: install
 		$(CLI) serve --host 127.0.0.1 --port $(PORT)
 
 test: install
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check .
