@@ -317,7 +317,13 @@ def _model_host(settings, workers: int):  # noqa: ANN001, ANN202
     restarts = model_restarts_counter(CollectorRegistry()).labels("shared")
     try:
         models = ModelsToLoad(
-            run_dir, tuple(settings.ab_models), settings.device, threads, settings.parallel_models
+            run_dir,
+            tuple(settings.ab_models),
+            settings.device,
+            threads,
+            settings.parallel_models,
+            settings.runtime,
+            settings.model_form,
         )
         host = ModelHost(models, on_restart=restarts.inc)
     except ModelProcessFailed as exc:

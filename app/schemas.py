@@ -184,6 +184,7 @@ class Health(BaseModel):
     detail: str | None = None
     models: dict[str, str] = {}
     run: str | None = None
+    form: str | None = None  # what runs the models: "torch fp32", "onnxruntime int8", ...
 
 
 class TrainingRequest(BaseModel):

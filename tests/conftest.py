@@ -73,6 +73,20 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_small_run(tmp_path_factory.mktemp("trained"))
 
 
+@pytest.fixture(scope="session")
+def compressed_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the trained run with its compression study done (ONNX fp32 and int8 forms);
+    shared by the tests that read or serve the forms."""
+    import shutil
+
+    from training.compress import compress_run
+
+    run = tmp_path_factory.mktemp("compressed") / "run"
+    shutil.copytree(trained_run, run)
+    compress_run(run, rounds=2)
+    return run
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The test runs twice: on a fresh SQLite file and on a fresh PostgreSQL database."""

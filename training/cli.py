@@ -187,6 +187,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     )
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument(
+        "--compress",
+        action="store_true",
+        help="after training, run the compression study (as 'maxmin-inspect compress')",
+    )
+    t.add_argument(
         "--status-file",
         type=Path,
         default=None,
@@ -221,6 +226,26 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         "--max-escape-rate", type=float, required=True, help="the new target, from 0 to 1"
     )
 
+    c = sub.add_parser(
+        "compress",
+        help="the compression study: each deployed model in fp32 ONNX and int8",
+        description="Export each deployed model of RUN_DIR to ONNX (checked against PyTorch on "
+        "the test images), quantize it to int8 calibrated on training images, and add the "
+        "compression study (accuracy, macro F1, McNemar against fp32, weights bytes, CPU "
+        "latency and throughput) to the run's report. The forms go to RUN_DIR/compressed/, "
+        "where MAXMIN_RUNTIME=onnxruntime serves them from.",
+    )
+    c.add_argument("run_dir", type=Path, help="a run directory written by 'train'")
+    c.add_argument(
+        "--calibration",
+        type=positive_int,
+        default=256,
+        help="training images that calibrate int8 (default: 256)",
+    )
+    c.add_argument(
+        "--rounds", type=positive_int, default=20, help="timing rounds per form (default: 20)"
+    )
+
     d = sub.add_parser(
         "demo-data",
         help="generate a synthetic parts dataset",
@@ -249,6 +274,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         "train": train,
         "report": _report,
         "operating-point": _operating_point,
+        "compress": _compress,
         "demo-data": _demo,
     }
 
@@ -346,6 +372,8 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
             f"  {name:<12} accuracy {cells[0]:<14} macro F1 {cells[1]:<14} "
             f"params {m['params']:>9,}  {recipe.get('optimizer', '')} lr {recipe.get('lr', '')}"
         )
+    if args.compress:
+        _print_study(_study(run_dir, 256, quiet=args.quiet))
     if getattr(args, "after_train", None) is not None:
         args.after_train(args, run_dir)
     print(f"\nReport: {run_dir / 'report.html'}")
@@ -358,6 +386,36 @@ def _report(args: argparse.Namespace) -> int:
     from training.report import rerender
 
     print(f"Wrote {rerender(args.run_dir)}")
+    return 0
+
+
+def _study(run_dir: Path, calibration: int, rounds: int = 20, quiet: bool = False) -> dict:
+    from training.compress import compress_run
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"compress: {msg}", file=sys.stderr)
+
+    return compress_run(run_dir, calibration=calibration, rounds=rounds, progress=say)
+
+
+def _print_study(study: dict) -> None:
+    print()
+    for name, m in study["models"].items():
+        for form, f in m["forms"].items():
+            print(
+                f"  {name:<12} {form:<11} accuracy {f['accuracy'] * 100:5.1f}%  macro F1 "
+                f"{f['macro_f1'] * 100:5.1f}% ({f['macro_f1_change'] * 100:+.1f})  "
+                f"{f['weights_bytes'] / 1024:8.0f} KiB  p50 {f['latency_ms_p50']:.2f} ms  "
+                f"p99 {f['latency_ms_p99']:.2f} ms  {f['images_per_second_batch32']:7.0f} img/s"
+            )
+    print()
+    print(study["verdict"])
+
+
+def _compress(args: argparse.Namespace) -> int:
+    _print_study(_study(args.run_dir, args.calibration, args.rounds))
+    print(f"\nForms: {args.run_dir / 'compressed'}; report: {args.run_dir / 'report.html'}")
     return 0
 
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     datasets_dir: Path | None = None
     ab_models: list[str] = ["baseline", "maxmin"]  # the models each image is classified by
     device: str = "auto"  # auto: CUDA when present, the CPU otherwise
+    # What runs the models: PyTorch on the checkpoints, or ONNX Runtime on the forms that
+    # `maxmin-inspect compress` wrote (fp32, or int8 quantized); onnxruntime runs on the CPU.
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+    model_form: Literal["fp32", "int8"] = "fp32"
     torch_threads: int = 0  # 0: see Settings.threads
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
     # The A/B models side by side, a thread each, rather than one after the other. auto: on the
@@ -90,6 +94,15 @@ class Settings(BaseSettings):
             **dict.fromkeys(("0", "no", "off"), "false"),
         }
         return aliases.get(text, text)
+
+    @model_validator(mode="after")
+    def _servable(self) -> Settings:
+        if self.runtime == "torch" and self.model_form != "fp32":
+            raise ValueError(
+                f"MAXMIN_MODEL_FORM={self.model_form} needs MAXMIN_RUNTIME=onnxruntime "
+                "(PyTorch serves the fp32 checkpoints)"
+            )
+        return self
 
     @field_validator("ab_models", mode="before")
     @classmethod

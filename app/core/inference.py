@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from inspectlib import onnxform
 from inspectlib.checkpoint import load_checkpoint, preprocess_of, read_meta
 from inspectlib.device import resolve_device
 from inspectlib.preprocess import Preprocess, normalize
@@ -62,12 +63,23 @@ FORMAT_TYPES = {
 }
 
 
+SERVABLE = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
+
+
 class ServedRun:
     """What the web process needs of a run's A/B models: their classes, versions and the one
     preprocessing they share, read from the checkpoints' metadata. No weights are loaded: when the
     models run in a process of their own, this is all the web process holds of them."""
 
-    def __init__(self, run_dir: Path, names: list[str]) -> None:
+    def __init__(
+        self, run_dir: Path, names: list[str], runtime: str = "torch", form: str = "fp32"
+    ) -> None:
+        if (runtime, form) not in SERVABLE:
+            raise ModelsUnavailable(
+                f"cannot serve the {form} form with the {runtime} runtime; choose one of "
+                + ", ".join(f"{r}/{f}" for r, f in SERVABLE)
+            )
+        self.runtime, self.form = runtime, form
         self.run_dir = Path(run_dir)
         report_file = self.run_dir / "report.json"
         if not report_file.is_file():
@@ -84,6 +96,15 @@ class ServedRun:
             path = self.run_dir / entry["checkpoint"]
             meta = read_meta(path)
             version = f"{Path(entry['checkpoint']).name}:{meta['weights_sha256'][:12]}"
+            if runtime == "onnxruntime":
+                # The answer names the file it came from: "<model>.<form>.onnx:<sha256>".
+                form_file = onnxform.form_path(self.run_dir, name, form)
+                try:
+                    form_meta = onnxform.read_form(form_file, path)
+                except onnxform.FormError as exc:
+                    raise ModelsUnavailable(str(exc)) from None
+                version = f"{form_file.name}:{form_meta['sha256'][:12]}"
+                path = form_file
             self.models[name] = ModelInfo(name, meta, version)
             self._checkpoints[name] = path
         first = next(iter(self.models.values())).meta
@@ -152,11 +173,34 @@ class Classifier(ServedRun):
     (``bench/serve_bench.py``, side ``service-serial-models``, compares)."""
 
     def __init__(
-        self, run_dir: Path, names: list[str], device: str = "auto", parallel: str = "false"
+        self,
+        run_dir: Path,
+        names: list[str],
+        device: str = "auto",
+        parallel: str = "false",
+        *,
+        runtime: str = "torch",
+        form: str = "fp32",
+        threads: int | None = None,
     ) -> None:
-        super().__init__(run_dir, names)
-        self.device = resolve_device(device)
+        super().__init__(run_dir, names, runtime, form)
         self.nets: dict[str, nn.Module] = {}
+        self.sessions: dict = {}
+        if runtime == "onnxruntime":
+            self.device = torch.device("cpu")  # the ONNX forms are for CPUs without PyTorch
+            self.parallel = len(self.models) > 1 and parallel in ("true", "auto")
+            per_model = max(1, (threads or 1) // len(self.models)) if self.parallel else threads
+            for name in self.models:
+                self.sessions[name] = onnxform.session(self._checkpoints[name], per_model or 1)
+            self._pool = (
+                ThreadPoolExecutor(len(self.models), thread_name_prefix="model")
+                if self.parallel
+                else None
+            )
+            p = self.preprocess
+            self.classify(np.zeros((2, p.channels, p.size, p.size), dtype=np.uint8))  # warm up
+            return
+        self.device = resolve_device(device)
         for name in self.models:
             model, _ = load_checkpoint(self._checkpoints[name], device=self.device)
             if self.device.type == "cpu":
@@ -174,6 +218,8 @@ class Classifier(ServedRun):
         )
         p = self.preprocess
         self.classify(np.zeros((2, p.channels, p.size, p.size), dtype=np.uint8))  # warm up
+        if threads is not None:
+            self.set_threads(threads)
 
     def set_threads(self, threads: int) -> None:
         """The process's torch threads for these models: shared between them when they run side
@@ -183,6 +229,8 @@ class Classifier(ServedRun):
     @torch.inference_mode()
     def classify(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
         """Per model: class probabilities (N x K) and the model's time per image in ms."""
+        if self.sessions:
+            return self._classify_onnx(arrays)
         x = normalize(
             torch.from_numpy(np.ascontiguousarray(arrays)).to(self.device), self.mean, self.std
         )
@@ -201,6 +249,20 @@ class Classifier(ServedRun):
         nets = list(self.nets.values())
         answers = self._pool.map(run, nets) if self._pool is not None else map(run, nets)
         return dict(zip(self.nets, answers, strict=True))
+
+    def _classify_onnx(self, arrays: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+        """The ONNX forms take the uint8 arrays as they are: normalization and softmax are in
+        the graph. ONNX Runtime releases the GIL, so side by side runs in threads."""
+        n = max(len(arrays), 1)
+
+        def run(sess) -> tuple[np.ndarray, float]:  # noqa: ANN001
+            t0 = time.perf_counter()
+            probs = onnxform.run(sess, arrays)
+            return probs, (time.perf_counter() - t0) * 1000 / n
+
+        sessions = list(self.sessions.values())
+        answers = self._pool.map(run, sessions) if self._pool is not None else map(run, sessions)
+        return dict(zip(self.sessions, answers, strict=True))
 
     def _classify_cuda(self, x: torch.Tensor) -> dict[str, tuple[np.ndarray, float]]:
         """Every model queued on the GPU, one copy back, one wait that sleeps.

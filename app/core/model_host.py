@@ -73,6 +73,8 @@ def _host_main(
     device: str,
     threads: int,
     parallel: str,
+    runtime: str,
+    form: str,
     ready: Connection,
 ) -> None:
     """The host process: load the models, listen, and answer merged batches until stopped."""
@@ -92,8 +94,9 @@ def _host_main(
         with loading:
             classifier = classifiers.pop(run, None)
             if classifier is None:
-                classifier = Classifier(Path(run), names, device, parallel)
-                classifier.set_threads(threads)
+                classifier = Classifier(
+                    Path(run), names, device, parallel, runtime=runtime, form=form, threads=threads
+                )
                 while len(classifiers) >= KEEP_RUNS:
                     classifiers.pop(next(iter(classifiers)))
             classifiers[run] = classifier

@@ -44,15 +44,32 @@ class ModelsToLoad:
     device: str = "auto"
     threads: int = 1
     parallel: str = "false"
+    runtime: str = "torch"  # or onnxruntime: the run's ONNX forms (inspectlib.onnxform)
+    form: str = "fp32"  # or int8 (onnxruntime only)
 
-    def args(self) -> tuple[str, list[str], str, int, str]:
+    def args(self) -> tuple[str, list[str], str, int, str, str, str]:
         """The child's arguments (plain values, picklable under spawn)."""
         run_dir = str(Path(self.run_dir).resolve())
-        return run_dir, list(self.names), self.device, self.threads, self.parallel
+        return (
+            run_dir,
+            list(self.names),
+            self.device,
+            self.threads,
+            self.parallel,
+            self.runtime,
+            self.form,
+        )
 
 
 def _serve(
-    run_dir: str, names: list[str], device: str, threads: int, parallel: str, conn: Connection
+    run_dir: str,
+    names: list[str],
+    device: str,
+    threads: int,
+    parallel: str,
+    runtime: str,
+    form: str,
+    conn: Connection,
 ) -> None:
     """The child: load the models, then answer batches until the parent goes away."""
     import torch
@@ -61,8 +78,9 @@ def _serve(
 
     torch.set_num_threads(threads)
     try:
-        classifier = Classifier(Path(run_dir), names, device, parallel)
-        classifier.set_threads(threads)
+        classifier = Classifier(
+            Path(run_dir), names, device, parallel, runtime=runtime, form=form, threads=threads
+        )
     except Exception as exc:  # noqa: BLE001 - the parent reports it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return

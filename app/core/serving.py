@@ -118,20 +118,28 @@ class ServedModels:
                     bytes.fromhex(settings.model_host_key or ""),
                     settings.model_timeout_seconds,
                 )
-            return ServedRun(run_dir, settings.ab_models), HostRun(self.host, run_dir)
+            served = ServedRun(run_dir, settings.ab_models, settings.runtime, settings.model_form)
+            return served, HostRun(self.host, run_dir)
         if not settings.model_process:
             classifier = Classifier(
-                run_dir, settings.ab_models, settings.device, settings.parallel_models
+                run_dir,
+                settings.ab_models,
+                settings.device,
+                settings.parallel_models,
+                runtime=settings.runtime,
+                form=settings.model_form,
             )
             return classifier, classifier
         # The models run in their own process; this one only decodes and names things.
-        served = ServedRun(run_dir, settings.ab_models)
+        served = ServedRun(run_dir, settings.ab_models, settings.runtime, settings.model_form)
         models = ModelsToLoad(
             run_dir,
             tuple(settings.ab_models),
             settings.device,
             settings.threads,
             settings.parallel_models,
+            settings.runtime,
+            settings.model_form,
         )
         runner = ModelProcess(
             models, batch_timeout_s=settings.model_timeout_seconds, on_restart=self._on_restart

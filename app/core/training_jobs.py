@@ -67,6 +67,7 @@ class TrainingOptions:
     epochs: int
     seeds: int
     size: int
+    compress: bool = False  # also write the ONNX forms, for a service that runs them
 
 
 def list_datasets(root: Path) -> list[dict[str, Any]]:
@@ -291,6 +292,8 @@ def _launch(folder: Path, run_dir: Path, device: str, options: TrainingOptions) 
         "--nice",
         "10",
     ]
+    if options.compress:
+        cmd.append("--compress")
     with open(run_dir / LOG_FILE, "wb") as out:
         return subprocess.Popen(
             cmd,

@@ -68,6 +68,7 @@ def _readiness(request: Request) -> _Answer:
         status="ok",
         models={n: m.version for n, m in c.models.items()},
         run=str(c.run_dir),
+        form=f"{c.runtime} {c.form}",
         detail=state.models.reload_error,  # a run chosen to serve that could not be loaded
     )
     return _Answer(body.model_dump())

@@ -168,6 +168,7 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
             "cost_chart": accuracy_cost_chart(latest.report) if latest else None,
             "runs": runs,
             "serving_dir": str(classifier.run_dir.resolve()) if classifier else None,
+            "served_form": f"{classifier.runtime} {classifier.form}" if classifier else None,
             "pinned": request.app.state.settings.run_dir is not None,
             "stats": stats,
             "disagreements": [to_public(p) for p in disagreements],

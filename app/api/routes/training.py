@@ -65,7 +65,10 @@ def start_job(
             422, detail=f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}"
         )
     models = list(dict.fromkeys(body.models))
-    options = jobs.TrainingOptions(models, body.epochs, body.seeds, body.size)
+    # A service that runs the ONNX forms can serve only runs that have them.
+    options = jobs.TrainingOptions(
+        models, body.epochs, body.seeds, body.size, compress=settings.runtime == "onnxruntime"
+    )
     try:
         job = jobs.start(
             session,

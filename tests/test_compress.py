@@ -1,0 +1,138 @@
+"""The compression study and the compressed forms served: real ONNX exports, real int8
+quantization, the real service on both databases."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from markupsafe import escape
+from pydantic import ValidationError
+
+from app.core.config import Settings
+from app.core.inference import Classifier, ModelsUnavailable
+from inspectlib import onnxform
+from tests.helpers import png_bytes
+
+NAMES = ["baseline", "maxmin"]
+
+
+def test_study_in_the_report(compressed_run: Path) -> None:
+    report = json.loads((compressed_run / "report.json").read_text())
+    study = report["compression"]
+    assert set(study["models"]) == set(NAMES)
+    assert study["test_images"] > 0 and study["calibration_images"] > 0
+    for name, m in study["models"].items():
+        forms = m["forms"]
+        assert set(forms) == {"torch-fp32", "onnx-fp32", "onnx-int8"}
+        # The export answers as PyTorch does; int8 is a real quantization, a third the bytes.
+        assert forms["onnx-fp32"]["largest_probability_difference"] <= 1e-4
+        assert forms["onnx-fp32"]["same_answers_as_fp32"] == 1.0
+        assert forms["onnx-int8"]["weights_bytes"] * 2.5 < forms["onnx-fp32"]["weights_bytes"]
+        for f in forms.values():
+            assert 0 <= f["accuracy"] <= 1 and f["latency_ms_p99"] >= f["latency_ms_p50"] > 0
+            assert f["images_per_second_batch32"] > 0
+            assert 0 <= f["mcnemar_vs_fp32"]["p_value"] <= 1
+        fp32_acc = forms["torch-fp32"]["accuracy"]
+        assert forms["onnx-int8"]["accuracy_change"] == pytest.approx(
+            forms["onnx-int8"]["accuracy"] - fp32_acc
+        )
+        graph = onnx.load(compressed_run / forms["onnx-int8"]["file"]).graph
+        ops = {n.op_type for n in graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
+        assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert "MaxMin costs" in study["verdict"]
+    html = (compressed_run / "report.html").read_text()
+    assert "Compression study" in html and str(escape(study["verdict"])) in html
+
+
+def test_onnx_forms_answer_as_the_checkpoints(compressed_run: Path) -> None:
+    """The service's ONNX runtime takes the same uint8 arrays and gives PyTorch's answers."""
+    rng = np.random.default_rng(0)
+    torch_side = Classifier(compressed_run, NAMES, "cpu")
+    p = torch_side.preprocess
+    arrays = rng.integers(0, 256, (6, p.channels, p.size, p.size), dtype=np.uint8)
+    expected = torch_side.classify(arrays)
+    fp32 = Classifier(compressed_run, NAMES, "cpu", runtime="onnxruntime", form="fp32")
+    int8 = Classifier(compressed_run, NAMES, "cpu", runtime="onnxruntime", form="int8")
+    got, got8 = fp32.classify(arrays), int8.classify(arrays)
+    for name in NAMES:
+        np.testing.assert_allclose(got[name][0], expected[name][0], atol=1e-4)
+        assert np.allclose(got8[name][0].sum(1), 1, atol=1e-4)
+        assert fp32.models[name].version.startswith(f"{name}.fp32.onnx:")
+        assert int8.models[name].version.startswith(f"{name}.int8.onnx:")
+    assert fp32.models["maxmin"].version != int8.models["maxmin"].version
+
+
+def test_altered_or_missing_form_is_refused(compressed_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(compressed_run, run)
+    target = onnxform.form_path(run, "maxmin", "int8")
+    target.write_bytes(target.read_bytes() + b"\0")
+    with pytest.raises(ModelsUnavailable, match="altered or replaced"):
+        Classifier(run, NAMES, "cpu", runtime="onnxruntime", form="int8")
+    target.unlink()
+    with pytest.raises(ModelsUnavailable, match="maxmin-inspect compress"):
+        Classifier(run, NAMES, "cpu", runtime="onnxruntime", form="int8")
+
+
+def test_int8_needs_onnxruntime() -> None:
+    with pytest.raises(ValidationError, match="MAXMIN_RUNTIME=onnxruntime"):
+        Settings(runtime="torch", model_form="int8")
+
+
+@pytest.mark.parametrize("model_process", [True, False])
+def test_service_serves_int8(compressed_run: Path, service_client, model_process: bool) -> None:
+    with service_client(
+        compressed_run, runtime="onnxruntime", model_form="int8", model_process=model_process
+    ) as client:
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "ok" and ready["form"] == "onnxruntime int8"
+        r = client.post("/predict", content=png_bytes(3), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        results = r.json()["data"][0]["results"]
+        for name in NAMES:
+            assert results[name]["model_version"].startswith(f"{name}.int8.onnx:")
+            assert abs(sum(results[name]["probabilities"].values()) - 1) < 1e-3
+        page = client.get("/dashboard")
+        assert page.status_code == 200 and "onnxruntime int8" in page.text
+
+
+def test_service_without_forms_says_what_to_run(trained_run: Path, service_client) -> None:
+    with service_client(trained_run, runtime="onnxruntime", model_form="int8") as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        assert "maxmin-inspect compress" in r.json()["detail"]
+        r = client.post("/predict", content=png_bytes(3), headers={"Content-Type": "image/png"})
+        assert r.status_code == 503 and "compress" in r.text
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "maxmin_inspect", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_compress_cli_names_the_problem(tmp_path: Path, trained_run: Path) -> None:
+    r = _cli("compress", str(tmp_path))
+    assert r.returncode == 2 and "report.json" in r.stderr and "Traceback" not in r.stderr
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    rows = (run / "split.csv").read_text().splitlines()
+    missing = next(line for line in rows[1:] if line.endswith(",test")).split(",")[0]
+    Path(missing).rename(missing + ".moved")
+    try:
+        r = _cli("compress", str(run))
+    finally:
+        Path(missing + ".moved").rename(missing)
+    assert r.returncode == 2 and missing in r.stderr and "Traceback" not in r.stderr
+    assert not (run / "compressed" / "compression.json").exists()
