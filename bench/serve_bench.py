@@ -123,7 +123,9 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
     whatever the device, or with a sync per new image file instead of one per group
     (``service-file-sync``), or with the A/B models one after the other instead of side by side
     (``service-serial-models``), or with a challenger run (a copy of the served one, so the same
-    compute) classifying every image in shadow (``service-shadow``)."""
+    compute) classifying every image in shadow (``service-shadow``), or running the run's ONNX
+    forms in ONNX Runtime (``service-onnx-fp32``, ``service-onnx-int8``: `maxmin-inspect compress`
+    first)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _port()
         svc_env = {
@@ -137,6 +139,11 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
         svc_env.pop("MAXMIN_WRITER_PROCESS", None)
         svc_env.pop("MAXMIN_IMAGE_SYNC", None)
         svc_env.pop("MAXMIN_PARALLEL_MODELS", None)
+        svc_env.pop("MAXMIN_RUNTIME", None)
+        svc_env.pop("MAXMIN_MODEL_FORM", None)
+        if side.startswith("service-onnx-"):
+            svc_env["MAXMIN_RUNTIME"] = "onnxruntime"
+            svc_env["MAXMIN_MODEL_FORM"] = side.rsplit("-", 1)[1]
         if side in ("service-shared", "service-per-worker"):
             svc_env["MAXMIN_SHARED_MODELS"] = "true" if side == "service-shared" else "false"
         if side in ("service-writer-process", "service-writer-thread"):
@@ -178,6 +185,8 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             "service-file-sync": "ours-f",
             "service-serial-models": "ours-1",
             "service-shadow": "ours-sh",
+            "service-onnx-fp32": "ours-o32",
+            "service-onnx-int8": "ours-o8",
         }[side]
         return _measure(name, serve, svc_env, port, args, "/readyz", load_env)
 
@@ -212,6 +221,8 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
         "service-file-sync",
         "service-serial-models",
         "service-shadow",
+        "service-onnx-fp32",
+        "service-onnx-int8",
     ):
         if side in args.sides:
             sides[side] = _measure_service(side, args, env)
@@ -260,7 +271,8 @@ def main() -> None:
         "service-writer-thread (the database writer as a process of its own, or as a thread of "
         "each worker), service-file-sync (a sync per new image file, MAXMIN_IMAGE_SYNC=file), "
         "service-serial-models (the A/B models one after the other, MAXMIN_PARALLEL_MODELS=false), "
-        "service-shadow (a challenger classifying every image in shadow)",
+        "service-shadow (a challenger classifying every image in shadow), service-onnx-fp32 and "
+        "service-onnx-int8 (the run's ONNX forms in ONNX Runtime)",
     )
     args = parser.parse_args()
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -289,6 +301,9 @@ def main() -> None:
         "group_sync_over_file_sync": ("service", "service-file-sync"),
         "parallel_over_serial_models": ("service", "service-serial-models"),
         "shadow_over_service": ("service-shadow", "service"),
+        "onnx_int8_over_service": ("service-onnx-int8", "service"),
+        "onnx_fp32_over_service": ("service-onnx-fp32", "service"),
+        "onnx_int8_over_plain": ("service-onnx-int8", "plain"),
     }.items():
         if a in summary and b in summary:
             summary[name] = {

@@ -136,3 +136,44 @@ def test_compress_cli_names_the_problem(tmp_path: Path, trained_run: Path) -> No
         Path(missing + ".moved").rename(missing)
     assert r.returncode == 2 and missing in r.stderr and "Traceback" not in r.stderr
     assert not (run / "compressed" / "compression.json").exists()
+
+
+@pytest.mark.parametrize("form", ["fp32", "int8"])
+def test_triton_repository_fits_the_models(compressed_run: Path, tmp_path: Path, form: str) -> None:
+    """Triton cannot run here: the repository's config is parsed with Triton's own protobuf
+    message and checked against the ONNX graph it serves."""
+    from training.triton import read_config
+
+    out = tmp_path / "triton"
+    r = _cli("export", str(compressed_run), "--triton", str(out), "--form", form)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((compressed_run / "report.json").read_text())
+    for name in NAMES:
+        config = read_config(out / name / "config.pbtxt")
+        model = onnx.load(out / name / "1" / "model.onnx")
+        onnx.checker.check_model(model)
+        assert config.name == name and config.platform == "onnxruntime_onnx"
+        assert config.max_batch_size > 0 and config.dynamic_batching.max_queue_delay_microseconds
+        (graph_in,) = model.graph.input
+        (graph_out,) = model.graph.output
+        (cfg_in,) = config.input
+        (cfg_out,) = config.output
+        assert (cfg_in.name, cfg_out.name) == (graph_in.name, graph_out.name)
+        in_dims = [d.dim_value or d.dim_param for d in graph_in.type.tensor_type.shape.dim]
+        out_dims = [d.dim_value or d.dim_param for d in graph_out.type.tensor_type.shape.dim]
+        # Triton's dims leave out the batch dimension, which the graph keeps dynamic.
+        assert isinstance(in_dims[0], str) and list(cfg_in.dims) == in_dims[1:]
+        assert isinstance(out_dims[0], str) and list(cfg_out.dims) == out_dims[1:]
+        assert graph_in.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        assert cfg_in.data_type == 2  # TYPE_UINT8
+        assert cfg_out.data_type == 11  # TYPE_FP32
+        labels = (out / name / cfg_out.label_filename).read_text().split()
+        assert labels == report["dataset"]["classes"]
+        pre = json.loads(config.parameters["preprocess"].string_value)
+        assert [pre["channels"], pre["size"], pre["size"]] == list(cfg_in.dims)
+        assert config.parameters["form"].string_value == form
+
+
+def test_triton_export_without_forms(trained_run: Path, tmp_path: Path) -> None:
+    r = _cli("export", str(trained_run), "--triton", str(tmp_path / "t"))
+    assert r.returncode == 2 and "maxmin-inspect compress" in r.stderr

@@ -246,6 +246,18 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         "--rounds", type=positive_int, default=20, help="timing rounds per form (default: 20)"
     )
 
+    x = sub.add_parser(
+        "export",
+        help="write a Triton model repository from a run's ONNX forms",
+        description="Write a Triton Inference Server model repository (config.pbtxt with "
+        "dynamic batching, labels.txt, 1/model.onnx per model) from the forms that "
+        "'maxmin-inspect compress RUN_DIR' wrote. Any Open Inference Protocol server that runs "
+        "ONNX (Triton, KServe, MLServer) serves it; MAXMIN_INFERENCE_URL points the service there.",
+    )
+    x.add_argument("run_dir", type=Path, help="a run directory, compressed")
+    x.add_argument("--triton", type=Path, required=True, metavar="OUT", help="repository folder")
+    x.add_argument("--form", choices=("fp32", "int8"), default="fp32", help="default: fp32")
+
     d = sub.add_parser(
         "demo-data",
         help="generate a synthetic parts dataset",
@@ -275,6 +287,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         "report": _report,
         "operating-point": _operating_point,
         "compress": _compress,
+        "export": _export,
         "demo-data": _demo,
     }
 
@@ -416,6 +429,15 @@ def _print_study(study: dict) -> None:
 def _compress(args: argparse.Namespace) -> int:
     _print_study(_study(args.run_dir, args.calibration, args.rounds))
     print(f"\nForms: {args.run_dir / 'compressed'}; report: {args.run_dir / 'report.html'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.triton import write_repository
+
+    for name, folder in write_repository(args.run_dir, args.triton, args.form).items():
+        print(f"{name:12} {folder}")
+    print(f"Triton repository ({args.form}): {args.triton}")
     return 0
 
 
