@@ -18,6 +18,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# MLServer, an Open Inference Protocol server from PyPI, in a venv of its own (its pins differ from
+# the service's): tests/test_remote.py serves the exported models with it.
+OIP_VENV ?= .venv-oip
+$(OIP_VENV)/.installed:
+	python3 -m venv $(OIP_VENV)
+	$(OIP_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'mlserver>=1.6' 'onnxruntime>=1.18'
+	touch $@
+
 # The demo profile: 48 px and otherwise the trainer's defaults, so the demo shows what a real run
 # does. Trains only when no demo run exists yet, then migrates the database and starts the
 # service, whose training page (/training) lists the demo data as a dataset.
@@ -30,7 +38,7 @@ run: install
 	MAXMIN_DATASETS_DIR=$${MAXMIN_DATASETS_DIR:-$(dir $(DEMO_DATA))} \
 		$(CLI) serve --host 127.0.0.1 --port $(PORT)
 
-test: install
+test: install $(OIP_VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10
 
 lint: install
@@ -38,4 +46,4 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs data var .pytest_cache
+	rm -rf $(VENV) $(OIP_VENV) runs data var .pytest_cache

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     # `maxmin-inspect compress` wrote (fp32, or int8 quantized); onnxruntime runs on the CPU.
     runtime: Literal["torch", "onnxruntime"] = "torch"
     model_form: Literal["fp32", "int8"] = "fp32"
+    # An Open Inference Protocol server (Triton, KServe, MLServer) that serves the repository
+    # `maxmin-inspect export RUN --triton` wrote from the served run: the workers send it their
+    # batches instead of running the models (app/core/remote.py). MAXMIN_MODEL_FORM names the
+    # form it was given.
+    inference_url: str | None = None
     torch_threads: int = 0  # 0: see Settings.threads
     model_process: bool = True  # run the models in a process of their own (no GIL contention)
     # The A/B models side by side, a thread each, rather than one after the other. auto: on the
@@ -97,10 +102,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _servable(self) -> Settings:
-        if self.runtime == "torch" and self.model_form != "fp32":
+        if self.runtime == "torch" and self.model_form != "fp32" and not self.inference_url:
             raise ValueError(
-                f"MAXMIN_MODEL_FORM={self.model_form} needs MAXMIN_RUNTIME=onnxruntime "
-                "(PyTorch serves the fp32 checkpoints)"
+                f"MAXMIN_MODEL_FORM={self.model_form} needs MAXMIN_RUNTIME=onnxruntime or an "
+                "MAXMIN_INFERENCE_URL (PyTorch serves the fp32 checkpoints)"
             )
         return self
 

@@ -30,6 +30,7 @@ from app.core.config import Settings
 from app.core.inference import Classifier, ModelRunner, ModelsUnavailable, ServedRun
 from app.core.model_host import HostRun, ModelHostClient, ModelHostUnreachable
 from app.core.model_process import ModelProcess, ModelProcessFailed, ModelsToLoad
+from app.core.remote import RemoteModels
 from app.crud.runs import challenger, keep_serving, serving_run
 from app.tables import Run
 from inspectlib.checkpoint import CheckpointError
@@ -74,7 +75,7 @@ def find_challenger_dir(settings: Settings, sessions: sessionmaker) -> Path | No
 def _close(runner: ModelRunner | None, batcher: MicroBatcher | None) -> None:
     if batcher is not None:
         batcher.close()
-    if isinstance(runner, ModelProcess | HostRun):
+    if isinstance(runner, ModelProcess | HostRun | RemoteModels):
         runner.close()
 
 
@@ -110,6 +111,17 @@ class ServedModels:
         """What this worker holds of ``run_dir``'s models (decoding, classes, versions) and the
         runner of the models. Raises one of LOAD_ERRORS, naming the problem."""
         settings = self.settings
+        if settings.inference_url:
+            # The forms' metadata names the versions; the server holds the same files.
+            served = ServedRun(run_dir, settings.ab_models, "onnxruntime", settings.model_form)
+            served.runtime = "inference server"
+            runner = RemoteModels(
+                settings.inference_url, list(served.models), settings.model_timeout_seconds
+            )
+            if problem := runner.ping():
+                runner.close()
+                raise ModelProcessFailed(problem)
+            return served, runner
         if settings.model_host:
             # `serve` with several workers: the models run once, in the host it started.
             if self.host is None:

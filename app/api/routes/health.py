@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.model_host import HostRun
 from app.core.model_process import ModelProcess
+from app.core.remote import RemoteModels
 from app.core.security import identify, may
 from app.schemas import Health
 
@@ -57,7 +58,7 @@ def _readiness(request: Request) -> _Answer:
         # Only the shared model process being restarted passes in moments.
         retry = {"Retry-After": "1"} if state.models.host_down else None
         return _Answer(body.model_dump(), 503, retry)
-    if isinstance(state.models.runner, HostRun | ModelProcess) and (
+    if isinstance(state.models.runner, HostRun | ModelProcess | RemoteModels) and (
         problem := state.models.runner.ping()
     ):
         # Down or hung: the serve command (shared) or the worker's watchdog is replacing it.
