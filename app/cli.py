@@ -106,14 +106,13 @@ def _export_labels(args: argparse.Namespace) -> int:
 
     from app.core.config import Settings
     from app.core.db import command_session
-    from app.core.storage import ImageStore
     from app.crud.exports import labelled_images, write_export
 
     settings = Settings()
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: export into a new folder")
-    store = ImageStore(settings.images_dir, settings.image_sync)
+    store = settings.open_store()
     with command_session(settings.db_url) as session:
         rows = labelled_images(session, args.since, args.source)
     written, missing = write_export(rows, store, out)

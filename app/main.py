@@ -37,7 +37,6 @@ from app.core.limits import BodyLimitMiddleware, PixelBudget
 from app.core.observability import Metrics, ObserveMiddleware
 from app.core.security import KeyCache, session_secret
 from app.core.serving import ServedModels
-from app.core.storage import ImageStore
 from app.core.writer import GroupWriter, WriterProcess
 
 log = logging.getLogger("maxmin_inspect")
@@ -65,7 +64,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     check_schema(engine)  # refuse an un-migrated database, naming the command to run
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
-    app.state.store = ImageStore(settings.images_dir, settings.image_sync)
+    app.state.store = settings.open_store()
     models = ServedModels(
         settings, app.state.sessions, app.state.metrics.model_restarts.labels("worker").inc
     )
@@ -84,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.db_url,
             settings.images_dir,
             image_sync=settings.image_sync,
+            image_store=(settings.image_store, settings.s3_endpoint_url),
             wait=False,
             on_restart=app.state.metrics.writer_restarts.inc,
         )

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # sync also flushes whatever else was written there: beside a heavy writer, file keeps each
     # sync apart.
     image_sync: Literal["group", "file"] = "group"
+    # Where uploaded images go: s3://bucket/prefix puts them in an S3-compatible object store, so
+    # that several replicas share them (PostgreSQL holds the rest); unset, the data_dir folder.
+    image_store: str | None = None
+    s3_endpoint_url: str | None = None  # MinIO or another S3-compatible server; unset: AWS
     model_timeout_seconds: float = 60.0  # a batch not answered by then: 503, new model process
     # How often each worker checks which run to serve (the one chosen last) and switches to it
     # without a restart; 0: only at start. With MAXMIN_RUN_DIR: loads that run again if it failed.
@@ -99,6 +103,19 @@ class Settings(BaseSettings):
             **dict.fromkeys(("0", "no", "off"), "false"),
         }
         return aliases.get(text, text)
+
+    @field_validator("image_store")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value and (not value.startswith("s3://") or not value[5:].split("/", 1)[0]):
+            raise ValueError(f"MAXMIN_IMAGE_STORE must be s3://bucket[/prefix], not {value!r}")
+        return value or None
+
+    def open_store(self):  # noqa: ANN201
+        """The image store these settings name (app.core.storage.open_store)."""
+        from app.core.storage import open_store
+
+        return open_store(self.images_dir, self.image_sync, self.image_store, self.s3_endpoint_url)
 
     @model_validator(mode="after")
     def _servable(self) -> Settings:

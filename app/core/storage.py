@@ -127,3 +127,98 @@ class ImageStore:
 
     def remove(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
+
+    def read(self, sha256: str) -> bytes | None:
+        """The stored bytes, or None when there is no such image."""
+        try:
+            return self.path(sha256).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def local_path(self, sha256: str) -> Path | None:
+        """The file on this machine's disk, to be sent as it is; None for a remote store."""
+        path = self.path(sha256)
+        return path if path.is_file() else None
+
+
+class S3ImageStore:
+    """The same content-addressed store in an S3-compatible bucket (AWS S3, MinIO), so that
+    several replicas of the service share one: ``s3://bucket/prefix/ab/abcdef...``.
+
+    A PUT is atomic and durable once S3 answers, so ``put`` needs no temporary name and no sync;
+    as with the folder, the object exists before any row that names it is committed. Credentials
+    come from boto3's usual sources (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile,
+    an instance role); ``endpoint_url`` points at MinIO or another S3-compatible server."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        if not url.startswith("s3://") or not url[5:].split("/", 1)[0]:
+            raise ValueError(f"an S3 image store is s3://bucket[/prefix], not {url!r}")
+        bucket, _, prefix = url[5:].partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = url
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5),
+        )
+
+    def key(self, sha256: str) -> str:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError("not a sha256 hex digest")
+        return "/".join(filter(None, (self.prefix, sha256[:2], sha256)))
+
+    def exists(self, sha256: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self.key(sha256))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise OSError(f"image store {self.url}: {exc}") from None
+        return True
+
+    def put(self, sha256: str, data: bytes) -> bool:
+        """Upload unless stored already; True when this call made the object."""
+        if self.exists(sha256):
+            return False
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self.key(sha256), Body=data)
+        except Exception as exc:  # botocore's errors: the write path maps OSError to a 503
+            raise OSError(f"image store {self.url}: {exc}") from None
+        return True
+
+    def put_many(self, images: dict[str, bytes], created: list[str]) -> None:
+        for sha256, data in images.items():
+            if self.put(sha256, data):
+                created.append(sha256)
+
+    def remove(self, sha256: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
+
+    def read(self, sha256: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self._client.get_object(Bucket=self.bucket, Key=self.key(sha256))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise OSError(f"image store {self.url}: {exc}") from None
+        return obj["Body"].read()
+
+    def local_path(self, sha256: str) -> Path | None:
+        return None
+
+
+def open_store(
+    images_dir: Path, sync: str = "group", url: str | None = None, endpoint_url: str | None = None
+) -> ImageStore | S3ImageStore:
+    """The image store the settings name: an S3 bucket when ``url`` is set (MAXMIN_IMAGE_STORE),
+    else the folder."""
+    if url:
+        return S3ImageStore(url, endpoint_url)
+    return ImageStore(images_dir, sync)

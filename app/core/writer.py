@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.storage import ImageStore
+from app.core.storage import ImageStore, open_store
 from app.core.supervisor import EXITING, ChildProcess, exit_when_orphaned
 from app.crud.writes import PredictionBatch, StoredPrediction, WriteTiming, store_batches
 
@@ -149,6 +149,7 @@ def _writer_main(
     images_dir: str,
     max_group: int,
     image_sync: str,
+    image_store: tuple[str | None, str | None],
     conn: Connection,
 ) -> None:
     """The writer process: a ``GroupWriter`` fed over ``conn``, each answer sent back by key."""
@@ -162,7 +163,7 @@ def _writer_main(
     engine = make_engine(db_url)
     writer = GroupWriter(
         session_factory(engine),
-        ImageStore(Path(images_dir), image_sync),
+        open_store(Path(images_dir), image_sync, *image_store),
         max_group=max_group,
         write_lock=write_lock(db_url),
     )
@@ -219,11 +220,12 @@ class WriterProcess:
         start_timeout_s: float = 60.0,
         wait: bool = True,
         on_restart: Callable[[], None] | None = None,
+        image_store: tuple[str | None, str | None] = (None, None),
     ) -> None:
         self._child = ChildProcess(
             "the database writer",
             _writer_main,
-            (db_url, str(images_dir), max_group, image_sync),
+            (db_url, str(images_dir), max_group, image_sync, image_store),
             WriterUnavailable,
             start_timeout_s,
             name="maxmin-writer",

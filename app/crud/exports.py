@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -82,14 +81,14 @@ def write_export(
     given. Returns the files written and the hashes missing from the store."""
     written, missing = [], []
     for r in rows:
-        src = store.path(r.sha256)
-        if not src.is_file():
+        data = store.read(r.sha256)
+        if data is None:
             missing.append(r.sha256)
             continue
         folder = re.sub(r"[^A-Za-z0-9._ -]", "_", r.label).strip(". ") or "_"
         dst = out / folder / f"{r.sha256}{SUFFIX.get(r.content_type, '.jpg')}"
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        dst.write_bytes(data)
         written.append((dst, r))
     out.mkdir(parents=True, exist_ok=True)
     with (out / "labels.csv").open("w", newline="", encoding="utf-8") as fh:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from app.api.deps import InspectorDep, SessionDep, StoreDep
 from app.tables import StoredImage
@@ -15,7 +15,7 @@ router = APIRouter(tags=["images"])
 
 @router.get(
     "/images/{sha256}",
-    response_class=FileResponse,
+    response_class=Response,
     responses={404: {"description": "no such image"}},
 )
 def read_image(
@@ -26,10 +26,11 @@ def read_image(
 ) -> FileResponse:
     """The image bytes as uploaded."""
     row = session.get(StoredImage, sha256)
-    if row is None or not store.exists(sha256):
+    headers = {"Cache-Control": "private, max-age=86400, immutable"}
+    path = store.local_path(sha256) if row is not None else None
+    if path is not None:
+        return FileResponse(path, media_type=row.content_type, headers=headers)
+    data = store.read(sha256) if row is not None else None
+    if data is None:
         raise HTTPException(404, detail=f"image {sha256} not found")
-    return FileResponse(
-        store.path(sha256),
-        media_type=row.content_type,
-        headers={"Cache-Control": "private, max-age=86400, immutable"},
-    )
+    return Response(data, media_type=row.content_type, headers=headers)
