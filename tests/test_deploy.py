@@ -72,6 +72,41 @@ def test_compose_config_validates() -> None:
     assert checked.returncode == 0, checked.stderr
     services = run([*cmd, "-f", "docker-compose.yml", "config", "--services"])
     assert services.returncode == 0, services.stderr
-    assert set(services.stdout.split()) == {"app", "db"}
+    assert {"app", "db"} <= set(services.stdout.split())
     resolved = yaml.safe_load(run([*cmd, "-f", "docker-compose.yml", "config"]).stdout)
     assert "test-only@db:5432" in resolved["services"]["app"]["environment"]["DATABASE_URL"]
+
+
+def test_compose_scale_profile_runs_stateless_replicas() -> None:
+    """The "scale" profile: two replicas behind a proxy, images in MinIO, the rest in PostgreSQL,
+    the schema migrated once before any replica starts."""
+    cmd = _compose()
+    if cmd is None:
+        if os.environ.get("MAXMIN_REQUIRE_COMPOSE") == "1":
+            pytest.fail("no Compose tool found but MAXMIN_REQUIRE_COMPOSE=1")
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    env = {**os.environ, "POSTGRES_PASSWORD": "test-only"}
+    run = partial(subprocess.run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    base = [*cmd, "-f", "docker-compose.yml", "--profile", "scale", "config"]
+    services = run([*base, "--services"])
+    assert services.returncode == 0, services.stderr
+    assert {"db", "minio", "buckets", "migrate", "replica", "proxy"} <= set(services.stdout.split())
+    resolved = yaml.safe_load(run(base).stdout)["services"]
+    replica, migrate = resolved["replica"], resolved["migrate"]
+    assert replica["environment"] == migrate["environment"]
+    store = replica["environment"]["MAXMIN_IMAGE_STORE"]
+    assert store.startswith("s3://maxmin-images")
+    assert replica["environment"]["MAXMIN_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "test-only@db:5432" in replica["environment"]["DATABASE_URL"]
+    assert replica["environment"]["MAXMIN_SESSION_SECRET"]
+    assert replica["deploy"]["replicas"] == 2
+    assert replica["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert replica["depends_on"]["buckets"]["condition"] == "service_completed_successfully"
+    assert migrate["command"] == ["maxmin-inspect", "db", "upgrade"]
+    # No image volume on a replica: what one stores, the others read from the bucket.
+    assert not any(str(v).startswith("images") for v in replica.get("volumes", []))
+    bucket = store[len("s3://") :].split("/")[0]
+    assert bucket in " ".join(resolved["buckets"]["command"])
+    conf = (ROOT / "docker" / "nginx.conf").read_text()
+    assert "server replica:8000" in conf and "proxy_pass http://maxmin" in conf
+    assert "client_max_body_size 64m" in conf  # the service's own default MAXMIN_MAX_BODY_BYTES
