@@ -150,11 +150,22 @@ def run_one(data_dir: Path, args: argparse.Namespace) -> dict:
     k = len(data["classes"])
     y = data["test"][1].numpy()
     out = {"data": str(data_dir), "size": size, "trainer_seconds": round(trainer_seconds, 1)}
+    out["split_sha256"] = _split_sha(run_dir)
     models, ref_preds = {}, {}
+    earlier = (
+        _earlier_reference(args, data_dir, size, report, run_dir) if args.reference_from else None
+    )
     t0 = time.perf_counter()
     for arch, m in report["models"].items():
-        preds = [reference_fit(arch, data, seed, epochs) for seed in range(args.seeds)]
-        ref_preds[arch] = preds
+        if earlier is None:
+            preds = [reference_fit(arch, data, seed, epochs) for seed in range(args.seeds)]
+            ref_preds[arch] = preds
+            reference = {
+                "accuracy": summary([float(np.mean(p == y)) for p in preds]),
+                "macro_f1": summary([macro_f1(y, p, k) for p in preds]),
+            }
+        else:
+            reference = earlier["models"][arch]["reference"]
         models[arch] = {
             "trainer": {
                 "accuracy": summary(m["accuracy"]["per_seed"]),
@@ -163,12 +174,12 @@ def run_one(data_dir: Path, args: argparse.Namespace) -> dict:
                 "retries": m.get("retries", []),
                 "recipe": m.get("recipe"),
             },
-            "reference": {
-                "accuracy": summary([float(np.mean(p == y)) for p in preds]),
-                "macro_f1": summary([macro_f1(y, p, k) for p in preds]),
-            },
+            "reference": reference,
         }
     out["reference_seconds"] = round(time.perf_counter() - t0, 1)
+    if earlier is not None:
+        out["reference_from"] = str(args.reference_from)
+        out["reference_seconds"] = earlier.get("reference_seconds")
     out["models"] = models
     checks = {
         "no_failed_seed": all(not v["trainer"]["failed_seeds"] for v in models.values()),
@@ -181,7 +192,10 @@ def run_one(data_dir: Path, args: argparse.Namespace) -> dict:
     for arch in models:
         if arch == "baseline" or "baseline" not in models:
             continue
-        ci = paired_interval(ref_preds[arch], ref_preds["baseline"], y, k)
+        if earlier is None:
+            ci = paired_interval(ref_preds[arch], ref_preds["baseline"], y, k)
+        else:
+            ci = earlier["checks"]["verdict_sign"][arch]["reference_macro_f1_difference_ci"]
         trainer = report["comparison"].get(arch, {}).get("difference", {})
         agree = None
         if ci[0] > 0 or ci[1] < 0:
@@ -198,6 +212,31 @@ def run_one(data_dir: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def _earlier_reference(
+    args: argparse.Namespace, data_dir: Path, size: int, report: dict, run_dir: Path
+) -> dict:
+    """The reference side of an earlier results file, for the same data, size, seeds, epochs and
+    split: the textbook loop does not change with the trainer, so a rerun of the trainer's side
+    can be set beside it without training the reference again."""
+    earlier = json.loads(Path(args.reference_from).read_text())
+    for entry in earlier["datasets"]:
+        if Path(entry["data"]).resolve() != data_dir.resolve() or entry["size"] != size:
+            continue
+        if entry.get("split_sha256") not in (None, _split_sha(run_dir)):
+            raise SystemExit(f"{args.reference_from}: its split differs from this run's")
+        seeds = {len(v["reference"]["macro_f1"]["per_seed"]) for v in entry["models"].values()}
+        if seeds != {args.seeds} or set(entry["models"]) != set(report["models"]):
+            raise SystemExit(f"{args.reference_from}: other seeds or models than this run")
+        return entry
+    raise SystemExit(f"{args.reference_from} has no reference for {data_dir} at {size} px")
+
+
+def _split_sha(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((run_dir / "split.csv").read_bytes()).hexdigest()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data", nargs="+", type=Path, help="image folders (<class>/<image>)")
@@ -205,6 +244,12 @@ def main() -> None:
     p.add_argument("--runs", default="runs/fidelity", help="where the trainer's runs go")
     p.add_argument("--reuse", action="store_true", help="reuse a finished trainer run")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    p.add_argument(
+        "--reference-from",
+        type=Path,
+        default=None,
+        help="take the reference side from an earlier results file (same data, split, seeds)",
+    )
     p.add_argument(
         "--train-args", default="", help="extra options for train, e.g. '--good-class ok'"
     )

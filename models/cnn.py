@@ -58,14 +58,21 @@ class SmallCNN(nn.Module):
         head += [nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
         self.classifier = nn.Sequential(*head)
 
-        self._init_weights(maxmin)
+        if not bn:
+            self._init_weights(maxmin)
+        # With batch normalization, PyTorch's own initialization stays. A layer followed by batch
+        # norm passes on the same signal whatever its scale; its scale only sets how far each step
+        # moves it relative to its size (about lr / |w|^2). He's scale, about 2.4x PyTorch's,
+        # would make every step of the shared recipe some 6x smaller, and the models underfit
+        # skewed data within the budget (docs/training.md).
 
     def _init_weights(self, maxmin: bool) -> None:
-        """He initialization with the gain of the activation that follows, so every layer passes
-        on signals of the same size in both networks. ReLU keeps half of its input's energy (gain
-        sqrt 2); MaxMin keeps all of it in twice the maps (gain 1). PyTorch's default init instead
-        shrinks the signal at every layer, which leaves faint defects a vanishing gradient and
-        the nets sitting at the class prior for many epochs (docs/training.md)."""
+        """Without normalization: He initialization with the gain of the activation that follows,
+        so every layer passes on signals of the same size in both networks. ReLU keeps half of
+        its input's energy (gain sqrt 2); MaxMin keeps all of it in twice the maps (gain 1).
+        PyTorch's default init instead shrinks the signal at every layer, which leaves faint
+        defects a vanishing gradient and the nets sitting at the class prior for many epochs
+        (docs/training.md)."""
         for m in self.features:
             if isinstance(m, nn.Conv2d):
                 gain = "linear" if maxmin else "relu"
