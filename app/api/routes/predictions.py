@@ -356,21 +356,26 @@ async def create_prediction(
     t2 = time.perf_counter()
     batcher = classifier.batcher  # these models' own: a switch of runs cannot mix them up
     arrays = np.stack([d.array for d in decoded])
-    # The challenger's pass runs beside the champion's; the answer waits for both.
-    shadow = asyncio.ensure_future(
-        _shadow_answers(request, settings, classifier, uploads, decoded, arrays)
-    )
+    # The challenger's pass, when there is one, runs beside the champion's; the answer waits for
+    # both.
+    shadow = None
+    if settings.shadow and request.app.state.shadow.classifier is not None:
+        shadow = asyncio.ensure_future(
+            _shadow_answers(request, settings, classifier, uploads, decoded, arrays)
+        )
     try:
         result = await asyncio.wrap_future(batcher.submit(arrays))
     except Overloaded as exc:
-        shadow.cancel()
+        if shadow is not None:
+            shadow.cancel()
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
     except ModelProcessFailed as exc:
-        shadow.cancel()
+        if shadow is not None:
+            shadow.cancel()
         raise HTTPException(
             503, detail=f"models unavailable: {exc}", headers={"Retry-After": "2"}
         ) from None
-    shadow_answers = await shadow
+    shadow_answers = await shadow if shadow is not None else None
     t3 = time.perf_counter()
     items = _build_items(classifier, uploads, decoded, result)
     decisions = [
