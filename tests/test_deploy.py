@@ -59,15 +59,23 @@ def _compose() -> list[str] | None:
     return None
 
 
-def test_compose_config_validates() -> None:
-    """`docker compose config` accepts the file (needs no engine) and resolves both services."""
+def _compose_runner() -> tuple[list[str], partial]:
+    """The Compose command and a runner for it in the checkout (the database password set), or a
+    skip, or a failure where CI requires the tool."""
     cmd = _compose()
     if cmd is None:
         if os.environ.get("MAXMIN_REQUIRE_COMPOSE") == "1":
             pytest.fail("no Compose tool found but MAXMIN_REQUIRE_COMPOSE=1")
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     env = {**os.environ, "POSTGRES_PASSWORD": "test-only"}
-    run = partial(subprocess.run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return cmd, partial(
+        subprocess.run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_compose_config_validates() -> None:
+    """`docker compose config` accepts the file (needs no engine) and resolves both services."""
+    cmd, run = _compose_runner()
     checked = run([*cmd, "-f", "docker-compose.yml", "config", "-q"])
     assert checked.returncode == 0, checked.stderr
     services = run([*cmd, "-f", "docker-compose.yml", "config", "--services"])
@@ -80,13 +88,7 @@ def test_compose_config_validates() -> None:
 def test_compose_scale_profile_runs_stateless_replicas() -> None:
     """The "scale" profile: two replicas behind a proxy, images in MinIO, the rest in PostgreSQL,
     the schema migrated once before any replica starts."""
-    cmd = _compose()
-    if cmd is None:
-        if os.environ.get("MAXMIN_REQUIRE_COMPOSE") == "1":
-            pytest.fail("no Compose tool found but MAXMIN_REQUIRE_COMPOSE=1")
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    env = {**os.environ, "POSTGRES_PASSWORD": "test-only"}
-    run = partial(subprocess.run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    cmd, run = _compose_runner()
     base = [*cmd, "-f", "docker-compose.yml", "--profile", "scale", "config"]
     services = run([*base, "--services"])
     assert services.returncode == 0, services.stderr

@@ -37,7 +37,7 @@ from inspectlib.imaging import ImageError
 from inspectlib.preprocess import Preprocess
 from inspectlib.stats import mcnemar
 from training.engine import macro_f1
-from training.report import rerender
+from training.report import read_report, rerender
 
 EXPORT_TOLERANCE = 1e-4  # largest |p_onnx - p_torch| accepted for the fp32 export
 CALIBRATION_IMAGES = 256
@@ -132,12 +132,7 @@ def compress_run(
     report.json and the report page, and returns the study."""
     run_dir = Path(run_dir)
     report_file = run_dir / "report.json"
-    if not report_file.is_file():
-        raise CompressError(f"{report_file} not found: is {run_dir} a run directory?")
-    try:
-        report = json.loads(report_file.read_text())
-    except ValueError as exc:
-        raise CompressError(f"{report_file} is not valid JSON: {exc}") from None
+    report = read_report(run_dir)
     names = [n for n, m in report.get("models", {}).items() if m.get("checkpoint")]
     if not names:
         raise CompressError(f"{report_file}: no model has a deployed checkpoint to compress")

@@ -111,14 +111,17 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
     return Path(path)
 
 
-def rerender(run_dir: Path) -> Path:
-    """Re-render report.html from the report.json in ``run_dir``."""
-    run_dir = Path(run_dir)
-    src = run_dir / "report.json"
+def read_report(run_dir: Path) -> dict[str, Any]:
+    """The report.json of ``run_dir``; raises naming the file when it is missing or damaged."""
+    src = Path(run_dir) / "report.json"
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: is {run_dir} a run directory?")
     try:
-        report = json.loads(src.read_text())
+        return json.loads(src.read_text())
     except ValueError as exc:
         raise ValueError(f"{src} is not valid JSON: {exc}") from None
-    return write_html(report, run_dir / "report.html")
+
+
+def rerender(run_dir: Path) -> Path:
+    """Re-render report.html from the report.json in ``run_dir``."""
+    return write_html(read_report(run_dir), Path(run_dir) / "report.html")

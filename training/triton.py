@@ -21,6 +21,7 @@ from typing import Any
 
 from inspectlib import onnxform
 from inspectlib.checkpoint import read_meta
+from training.report import read_report
 
 MAX_BATCH = 64
 PREFERRED_BATCHES = (8, 32)
@@ -77,9 +78,7 @@ def write_repository(run_dir: Path, out: Path, form: str = "fp32") -> dict[str, 
 
     run_dir, out = Path(run_dir), Path(out)
     report_file = run_dir / "report.json"
-    if not report_file.is_file():
-        raise ExportError(f"{report_file} not found: is {run_dir} a run directory?")
-    report = json.loads(report_file.read_text())
+    report = read_report(run_dir)
     written: dict[str, Path] = {}
     for name, m in report.get("models", {}).items():
         if not m.get("checkpoint"):

@@ -186,31 +186,23 @@ class Classifier(ServedRun):
         super().__init__(run_dir, names, runtime, form)
         self.nets: dict[str, nn.Module] = {}
         self.sessions: dict = {}
-        if runtime == "onnxruntime":
-            self.device = torch.device("cpu")  # the ONNX forms are for CPUs without PyTorch
-            self.parallel = len(self.models) > 1 and parallel in ("true", "auto")
-            per_model = max(1, (threads or 1) // len(self.models)) if self.parallel else threads
-            for name in self.models:
-                self.sessions[name] = onnxform.session(self._checkpoints[name], per_model or 1)
-            self._pool = (
-                ThreadPoolExecutor(len(self.models), thread_name_prefix="model")
-                if self.parallel
-                else None
-            )
-            p = self.preprocess
-            self.classify(np.zeros((2, p.channels, p.size, p.size), dtype=np.uint8))  # warm up
-            return
-        self.device = resolve_device(device)
-        for name in self.models:
-            model, _ = load_checkpoint(self._checkpoints[name], device=self.device)
-            if self.device.type == "cpu":
-                # Convolutions run faster on channels-last tensors (bench/layout_bench.py).
-                model = model.to(memory_format=torch.channels_last)
-            self.nets[name] = model
-        self.mean, self.std = self.preprocess.tensors(self.device)
+        # The ONNX forms run on the CPU: they are for machines without PyTorch's GPU stack.
+        self.device = torch.device("cpu") if runtime == "onnxruntime" else resolve_device(device)
         self.parallel = (
             len(self.models) > 1 and self.device.type == "cpu" and parallel in ("true", "auto")
         )
+        if runtime == "onnxruntime":
+            per_model = max(1, (threads or 1) // len(self.models)) if self.parallel else threads
+            for name in self.models:
+                self.sessions[name] = onnxform.session(self._checkpoints[name], per_model or 1)
+        else:
+            for name in self.models:
+                model, _ = load_checkpoint(self._checkpoints[name], device=self.device)
+                if self.device.type == "cpu":
+                    # Convolutions run faster on channels-last tensors (bench/layout_bench.py).
+                    model = model.to(memory_format=torch.channels_last)
+                self.nets[name] = model
+            self.mean, self.std = self.preprocess.tensors(self.device)
         self._pool = (
             ThreadPoolExecutor(len(self.models), thread_name_prefix="model")
             if self.parallel
@@ -218,7 +210,7 @@ class Classifier(ServedRun):
         )
         p = self.preprocess
         self.classify(np.zeros((2, p.channels, p.size, p.size), dtype=np.uint8))  # warm up
-        if threads is not None:
+        if threads is not None and not self.sessions:
             self.set_threads(threads)
 
     def set_threads(self, threads: int) -> None:

@@ -68,23 +68,15 @@ def _answer(classifier, jobs: list[tuple[Connection, np.ndarray]]) -> None:  # n
 def _host_main(
     address: str,
     authkey: bytes,
-    run_dir: str,
-    names: list[str],
-    device: str,
-    threads: int,
-    parallel: str,
-    runtime: str,
-    form: str,
+    models: ModelsToLoad,
     ready: Connection,
 ) -> None:
     """The host process: load the models, listen, and answer merged batches until stopped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serve command stops it
     parent = os.getppid()
-    import torch
-
     from app.core.inference import Classifier
 
-    torch.set_num_threads(threads)
+    run_dir, names = str(models.run_dir), list(models.names)
     # The runs loaded, least recently used first: the one being served, and the next one while
     # the workers switch to it (they ask for it with "load" before they send it batches).
     classifiers: dict[str, Classifier] = {}
@@ -94,9 +86,7 @@ def _host_main(
         with loading:
             classifier = classifiers.pop(run, None)
             if classifier is None:
-                classifier = Classifier(
-                    Path(run), names, device, parallel, runtime=runtime, form=form, threads=threads
-                )
+                classifier = models.load(Path(run))
                 while len(classifiers) >= KEEP_RUNS:
                     classifiers.pop(next(iter(classifiers)))
             classifiers[run] = classifier
@@ -185,7 +175,7 @@ class ModelHost:
         self._child = ChildProcess(
             "the model host",
             _host_main,
-            (self.address, self.authkey, *models.args()),
+            (self.address, self.authkey, models.resolved()),
             ModelProcessFailed,
             start_timeout_s,
             name="maxmin-models",

@@ -19,13 +19,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from app.core.supervisor import EXITING, ChildProcess, Watchdog
+
+if TYPE_CHECKING:
+    from app.core.inference import Classifier
 
 log = logging.getLogger("maxmin_inspect")
 
@@ -47,40 +51,32 @@ class ModelsToLoad:
     runtime: str = "torch"  # or onnxruntime: the run's ONNX forms (inspectlib.onnxform)
     form: str = "fp32"  # or int8 (onnxruntime only)
 
-    def args(self) -> tuple[str, list[str], str, int, str, str, str]:
-        """The child's arguments (plain values, picklable under spawn)."""
-        run_dir = str(Path(self.run_dir).resolve())
-        return (
-            run_dir,
+    def resolved(self) -> ModelsToLoad:
+        """The same with an absolute run folder: what a child process is given."""
+        return replace(self, run_dir=Path(self.run_dir).resolve())
+
+    def load(self, run_dir: Path | None = None) -> Classifier:
+        """In the child: set its torch threads and load the models (of ``run_dir`` when given)."""
+        import torch
+
+        from app.core.inference import Classifier
+
+        torch.set_num_threads(self.threads)
+        return Classifier(
+            Path(run_dir or self.run_dir),
             list(self.names),
             self.device,
-            self.threads,
             self.parallel,
-            self.runtime,
-            self.form,
+            runtime=self.runtime,
+            form=self.form,
+            threads=self.threads,
         )
 
 
-def _serve(
-    run_dir: str,
-    names: list[str],
-    device: str,
-    threads: int,
-    parallel: str,
-    runtime: str,
-    form: str,
-    conn: Connection,
-) -> None:
+def _serve(models: ModelsToLoad, conn: Connection) -> None:
     """The child: load the models, then answer batches until the parent goes away."""
-    import torch
-
-    from app.core.inference import Classifier
-
-    torch.set_num_threads(threads)
     try:
-        classifier = Classifier(
-            Path(run_dir), names, device, parallel, runtime=runtime, form=form, threads=threads
-        )
+        classifier = models.load()
     except Exception as exc:  # noqa: BLE001 - the parent reports it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -114,7 +110,7 @@ class ModelProcess:
         self._child = ChildProcess(
             "the model process",
             _serve,
-            models.args(),
+            (models.resolved(),),
             ModelProcessFailed,
             start_timeout_s,
             name="maxmin-models",
