@@ -73,7 +73,8 @@ def test_a_new_run_answers_in_shadow_then_is_promoted_and_rolled_back(
         _until(lambda: client.get("/readyz").json().get("run") == str(runs["champion"]))
         chal_id = _register(client, runs["challenger"])  # a champion serves: this one challenges
         shadow = client.app.state.shadow
-        _until(lambda: shadow.classifier is not None)
+        # A model process of its own starts for it: slow on a busy machine.
+        _until(lambda: shadow.classifier is not None, timeout=180)
         assert shadow.run_id == chal_id
 
         files = [("files", (f"{i}.png", png_bytes(i))) for i in range(6)]

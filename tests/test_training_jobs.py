@@ -78,7 +78,8 @@ def test_a_job_trains_and_registers_its_report(client: TestClient) -> None:
     r = client.post("/training/jobs", json={"dataset": "parts", **SMALL})
     assert r.status_code == 202, r.text
     job = r.json()
-    assert job["state"] == "running" and job["options"] == SMALL
+    # The service runs PyTorch here, so the job writes no ONNX forms.
+    assert job["state"] == "running" and job["options"] == SMALL | {"compress": False}
     again = client.post("/training/jobs", json={"dataset": "parts", **SMALL})
     assert again.status_code == 409
     assert f"job {job['id']} is still running" in again.json()["detail"]
