@@ -35,6 +35,18 @@ templates = Jinja2Templates(directory=Path(__file__).resolve().parents[2] / "tem
 templates.env.filters["pct"] = lambda v: "–" if v is None else f"{v * 100:.1f}%"
 
 
+def _render(
+    request: Request, template: str, who: Principal, context: dict, status_code: int = 200
+) -> HTMLResponse:
+    """A signed-in page: every one shows who is signed in and carries the form token."""
+    return templates.TemplateResponse(
+        request,
+        template,
+        {**context, "who": who, "csrf": csrf_token(request)},
+        status_code=status_code,
+    )
+
+
 def _page_user(request: Request, role: str) -> Principal | Response:
     """The logged-in user if their role suffices; else a redirect to /login or a 403 page."""
     if not request.app.state.settings.auth_enabled:
@@ -43,12 +55,7 @@ def _page_user(request: Request, role: str) -> Principal | Response:
     if who is None:
         return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
     if RANK[who.role] < RANK[role]:
-        return templates.TemplateResponse(
-            request,
-            "denied.html",
-            {"who": who, "needed": role, "csrf": csrf_token(request)},
-            status_code=403,
-        )
+        return _render(request, "denied.html", who, {"needed": role}, status_code=403)
     return who
 
 
@@ -123,16 +130,15 @@ def inspector_page(request: Request, session: SessionDep) -> Response:
     recent, _ = list_predictions(session, PredictionFilter(labelled=True), 0, 10)
     waiting = PredictionFilter(decision="review", labelled=False)
     queue, queue_count = list_predictions(session, waiting, 0, 20, oldest_first=True)
-    return templates.TemplateResponse(
+    return _render(
         request,
         "inspector.html",
+        who,
         {
             **_served(request),
             "recent": [to_public(p) for p in recent],
             "queue": [to_public(p).model_dump(mode="json") for p in queue],
             "queue_count": queue_count,
-            "who": who,
-            "csrf": csrf_token(request),
         },
     )
 
@@ -160,9 +166,10 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
             session, None, None, served_versions(classifier), classifier.good_class
         )
     disagreements, _ = list_predictions(session, PredictionFilter(disagree=True), 0, 12)
-    return templates.TemplateResponse(
+    return _render(
         request,
         "dashboard.html",
+        who,
         {
             "latest": latest,
             "cost_chart": accuracy_cost_chart(latest.report) if latest else None,
@@ -174,8 +181,6 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
             "disagreements": [to_public(p) for p in disagreements],
             "runs_cc": comparison(request, session, request.app.state.settings),
             "models_error": request.app.state.models.models_error,
-            "who": who,
-            "csrf": csrf_token(request),
         },
     )
 
@@ -187,11 +192,7 @@ def history_page(request: Request, session: SessionDep) -> Response:
     if not isinstance(who, Principal):
         return who
     served, events = history(session)
-    return templates.TemplateResponse(
-        request,
-        "history.html",
-        {"served": served, "events": events, "who": who, "csrf": csrf_token(request)},
-    )
+    return _render(request, "history.html", who, {"served": served, "events": events})
 
 
 @router.get("/training", response_class=HTMLResponse)
@@ -202,16 +203,15 @@ def training_page(request: Request, session: SessionDep) -> Response:
         return who
     settings = request.app.state.settings
     root = settings.training_datasets_dir
-    return templates.TemplateResponse(
+    return _render(
         request,
         "training.html",
+        who,
         {
             "root": root.resolve(),
             "datasets": list_datasets(root),
             "labelled": len(labelled_images(session)),
             "models": list_models(),
             "defaults": TrainingRequest.model_fields,
-            "who": who,
-            "csrf": csrf_token(request),
         },
     )
