@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=engine.TrainConfig.epochs)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     ds = load_dataset(args.data, size=args.size, progress=False)
@@ -48,6 +49,7 @@ def main() -> None:
     cfg = engine.TrainConfig(
         optimizer="sgd",
         lr=args.lr,
+        epochs=args.epochs,
         batch_size=args.batch_size,
         augment=(),
         class_weighting="none",
@@ -77,9 +79,8 @@ def main() -> None:
             )
         results["runs"][init] = rows
         f1s = [r["macro_f1"] for r in rows]
-        print(
-            f"{init:>5} init: macro F1 {np.mean(f1s) * 100:.1f} ± {np.std(f1s, ddof=1) * 100:.1f}"
-        )
+        sd = np.std(f1s, ddof=1) * 100 if len(f1s) > 1 else 0.0
+        print(f"{init:>5} init: macro F1 {np.mean(f1s) * 100:.1f} ± {sd:.1f} over {len(f1s)}")
     engine.create_model = build
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
