@@ -13,10 +13,14 @@ For every model with a deployed checkpoint, ``compress_run``:
 The study goes into ``report.json`` (``compression``) and the report page, with a sentence for
 the verdict on what MaxMin costs against the baseline once both are compressed.
 
-ONNX Runtime's quantizer is used rather than PyTorch's PT2E flow because the int8 model it makes
-is the file the service (``MAXMIN_RUNTIME=onnxruntime``) and any Open Inference Protocol server run
-as they are; PT2E's int8 graph runs fast only after ``torch.compile`` with the x86 Inductor
-backend, which neither an ONNX server nor a shop-floor PC without a compiler has.
+ONNX Runtime's quantizer is used rather than PyTorch's PT2E flow, chosen by measurement
+(``bench/pt2e_bench.py``, both on the same run, BENCHMARKS.md): both keep the answers, and ONNX
+Runtime's int8 is the faster at batch 1, the line's case. Its file is also what the service
+(``MAXMIN_RUNTIME=onnxruntime``) and any Open Inference Protocol server run as they are, while
+PT2E's int8 graph runs fast only after ``torch.compile`` with the x86 Inductor backend: a C++
+compiler on every shop-floor PC and a compile at every start, and the graph compiles only with
+each ReLU moved before its pooling (Inductor's int8 max pool right after a convolution drops
+``ceil_mode``).
 """
 
 from __future__ import annotations
