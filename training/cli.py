@@ -150,8 +150,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         "--augment",
         default="shift,hflip",
         help="comma-separated from shift, hflip, vflip, or 'none' (default: shift,hflip; "
-        "drop hflip when a mirrored part means something else); the search also tries each "
-        "model's best recipe without it",
+        "drop hflip when a mirrored part means something else)",
     )
     t.add_argument("--val-fraction", type=fraction, default=defaults.VAL_FRACTION)
     t.add_argument(
@@ -385,7 +384,6 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
         print(
             f"  {name:<12} accuracy {cells[0]:<14} macro F1 {cells[1]:<14} "
             f"params {m['params']:>9,}  {recipe.get('optimizer', '')} lr {recipe.get('lr', '')}"
-            + ("" if recipe.get("augment", True) else ", no augmentation")
         )
     if args.compress:
         _print_study(_study(run_dir, 256, quiet=args.quiet))

@@ -43,13 +43,6 @@ SEARCH_SEED = 1000  # apart from the seeds whose runs are reported
 SKEWED = 1.5  # largest class over smallest in the training split: from here, macro F1 decides
 
 
-def search_trials(cfg: PocConfig) -> int:
-    """Short runs the search trains per model: the grid, and the winner without augmentation."""
-    if not cfg.search:
-        return 0
-    return len(SEARCH_GRID) + (1 if cfg.train.augment else 0)
-
-
 def choose_metric(requested: str, train_counts: list[int]) -> tuple[str, str]:
     """The metric that selects checkpoints, recipes and states the verdict, and why."""
     if requested != "auto":
@@ -163,7 +156,9 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
     grid = SEARCH_GRID if cfg.search else ((cfg.train.optimizer, cfg.train.lr),)
     search_epochs = max(3, cfg.train.epochs // 3)
     seeds = list(range(cfg.seeds))
-    total = len(cfg.models) * (len(seeds) * cfg.train.epochs + search_trials(cfg) * search_epochs)
+    total = len(cfg.models) * (
+        len(seeds) * cfg.train.epochs + (len(grid) * search_epochs if cfg.search else 0)
+    )
     progress(state="training", epochs_done=0, epochs_total=total)
     train_start = time.perf_counter()
     done = 0  # epochs counted here: a disabled progress bar counts nothing
@@ -199,13 +194,7 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
 
         for arch in cfg.models:
             recipes[arch] = _search(arch, grid, search_epochs, cfg, train)
-            recipe = recipes[arch]
-            tc = replace(
-                cfg.train,
-                optimizer=recipe["optimizer"],
-                lr=recipe["lr"],
-                augment=tuple(recipe["augment"]),
-            )
+            tc = replace(cfg.train, optimizer=recipes[arch]["optimizer"], lr=recipes[arch]["lr"])
             runs = [train(arch, seed, tc, f"seed {seed}") for seed in seeds]
             for attempt in range(1, cfg.max_retries + 1):
                 failed = _failed(runs)
@@ -302,8 +291,6 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
             "enabled": cfg.search,
             "grid": [{"optimizer": o, "lr": lr} for o, lr in grid],
             "epochs": search_epochs if cfg.search else 0,
-            # Each model's best entry, trained once more without augmentation (_search).
-            "without_augmentation": search_trials(cfg) > len(grid),
             "seconds": round(sum(r["seconds"] for r in recipes.values()), 3),
         },
         "verdict": verdict(models_report, comparison, metric),
@@ -353,42 +340,22 @@ def _search(
     train: Callable[[str, int, TrainConfig, str], RunResult],
 ) -> dict[str, Any]:
     """The recipe for ``arch``: each grid entry trained briefly, the best validation score wins
-    (ties go to the earlier entry). Then the winner once more without augmentation, kept only if
-    it scores higher: augmentation is a regularizer, and a small network on a short budget can
-    underfit with it, so the validation split decides, as it does for the rate."""
-    augment = list(cfg.train.augment)
+    (ties go to the earlier entry)."""
     if len(grid) == 1:
         optimizer, lr = grid[0]
-        return {
-            "optimizer": optimizer,
-            "lr": lr,
-            "augment": augment,
-            "searched": False,
-            "trials": [],
-            "seconds": 0.0,
-        }
+        return {"optimizer": optimizer, "lr": lr, "searched": False, "trials": [], "seconds": 0.0}
     trials = []
     t0 = time.perf_counter()
-
-    def trial(optimizer: str, lr: float, aug: list[str]) -> None:
-        tc = replace(cfg.train, optimizer=optimizer, lr=lr, epochs=epochs, augment=tuple(aug))
-        what = f"search {optimizer} lr {lr:g}" + ("" if aug else " no augmentation")
-        r = train(arch, SEARCH_SEED, tc, what)
+    for optimizer, lr in grid:
+        tc = replace(cfg.train, optimizer=optimizer, lr=lr, epochs=epochs)
+        r = train(arch, SEARCH_SEED, tc, f"search {optimizer} lr {lr:g}")
         finite = all(math.isfinite(v) for v in r.train_loss)
         val = max(r.val_metric) if r.val_metric and finite else 0.0
-        trials.append({"optimizer": optimizer, "lr": lr, "augment": aug, "val": round(val, 5)})
-
-    for optimizer, lr in grid:
-        trial(optimizer, lr, augment)
+        trials.append({"optimizer": optimizer, "lr": lr, "val": round(val, 5)})
     best = max(range(len(trials)), key=lambda i: (trials[i]["val"], -i))
-    if augment:
-        trial(trials[best]["optimizer"], trials[best]["lr"], [])
-        if trials[-1]["val"] > trials[best]["val"]:
-            best = len(trials) - 1
     return {
         "optimizer": trials[best]["optimizer"],
         "lr": trials[best]["lr"],
-        "augment": trials[best]["augment"],
         "searched": True,
         "epochs": epochs,
         "trials": trials,
