@@ -10,37 +10,15 @@ batch 64, no class weights, no augmentation); each row adds one default of the t
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
-import torch
+from fit_variants import compare, parser
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from training import engine  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.poc import PocConfig, _model_kwargs  # noqa: E402
+from training.poc import PocConfig
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("data", type=Path)
-    p.add_argument("--arch", default="baseline")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
-    ds = load_dataset(args.data, size=args.size, progress=False)
-    splits, mean, std = ds.resident(torch.device("cpu"))
-    kwargs = _model_kwargs(ds, "batch")
-    k = kwargs["num_classes"]
-    y = splits["test"][1].numpy()
+    args = parser(__doc__).parse_args()
     default = PocConfig(data=str(args.data), out="-").train
     plain = replace(
         default,
@@ -60,23 +38,7 @@ def main() -> None:
             plain, optimizer="adamw", lr=3e-4
         ),
     }
-    results: dict = {"data": str(args.data), "arch": args.arch, "rows": {}}
-    for name, cfg in rows.items():
-        f1s = []
-        for seed in args.seeds:
-            t0 = time.perf_counter()
-            run = engine.fit(args.arch, kwargs, splits, mean, std, seed, replace(cfg))
-            f1s.append(engine.macro_f1(y, run.test_pred, k))
-            print(
-                f"{name}, seed {seed}: macro F1 {f1s[-1] * 100:.1f}% "
-                f"({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
-        sd = float(np.std(f1s, ddof=1)) if len(f1s) > 1 else 0.0
-        results["rows"][name] = {"recipe": vars(cfg), "macro_f1": f1s, "sd": sd}
-        print(f"{name}: macro F1 {np.mean(f1s) * 100:.1f} ± {sd * 100:.1f}", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2, default=list))
+    compare(args, {name: (cfg, None) for name, cfg in rows.items()})
 
 
 if __name__ == "__main__":

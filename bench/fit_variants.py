@@ -1,0 +1,72 @@
+"""Shared by bench/init_diag.py and bench/recipe_ablation.py: the trainer's own ``fit`` run under
+several variants on one dataset's split, the same seeds for each, test macro F1 and accuracy per
+seed, printed and written as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training import engine  # noqa: E402
+from training.data import load_dataset  # noqa: E402
+from training.poc import _model_kwargs  # noqa: E402
+
+# A variant: the recipe, and the model builder to use (None: the trainer's own).
+Variant = tuple[engine.TrainConfig, Callable[..., torch.nn.Module] | None]
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every such comparison takes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("data", type=Path)
+    p.add_argument("--arch", default="baseline")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--out", type=Path, default=None)
+    return p
+
+
+def compare(args: argparse.Namespace, variants: dict[str, Variant]) -> dict:
+    """Train ``args.arch`` under each variant with every seed; returns (and writes) the scores."""
+    ds = load_dataset(args.data, size=args.size, progress=False)
+    splits, mean, std = ds.resident(torch.device("cpu"))
+    kwargs = _model_kwargs(ds, "batch")
+    k = kwargs["num_classes"]
+    y = splits["test"][1].numpy()
+    build = engine.create_model
+    results: dict = {"data": str(args.data), "arch": args.arch, "variants": {}}
+    try:
+        for name, (cfg, maker) in variants.items():
+            engine.create_model = maker or build
+            rows = []
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                run = engine.fit(args.arch, kwargs, splits, mean, std, seed, replace(cfg))
+                f1 = engine.macro_f1(y, run.test_pred, k)
+                acc = float(np.mean(run.test_pred == y))
+                rows.append({"seed": seed, "macro_f1": f1, "accuracy": acc})
+                print(
+                    f"{name}, seed {seed}: macro F1 {f1 * 100:.1f}%, accuracy {acc * 100:.1f}% "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+            f1s = [r["macro_f1"] for r in rows]
+            sd = float(np.std(f1s, ddof=1)) if len(f1s) > 1 else 0.0
+            results["variants"][name] = {"recipe": vars(cfg), "runs": rows, "macro_f1_sd": sd}
+            print(f"{name}: macro F1 {np.mean(f1s) * 100:.1f} ± {sd * 100:.1f} over {len(f1s)}")
+    finally:
+        engine.create_model = build
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2, default=list))
+    return results
