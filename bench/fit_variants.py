@@ -34,6 +34,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--only", nargs="+", default=None, help="run only the variants named (prefix)")
     return p
 
 
@@ -48,6 +49,8 @@ def compare(args: argparse.Namespace, variants: dict[str, Variant]) -> dict:
     results: dict = {"data": str(args.data), "arch": args.arch, "variants": {}}
     try:
         for name, (cfg, maker) in variants.items():
+            if args.only and not any(name.startswith(o) for o in args.only):
+                continue
             engine.create_model = maker or build
             rows = []
             for seed in args.seeds:
@@ -55,9 +58,11 @@ def compare(args: argparse.Namespace, variants: dict[str, Variant]) -> dict:
                 run = engine.fit(args.arch, kwargs, splits, mean, std, seed, replace(cfg))
                 f1 = engine.macro_f1(y, run.test_pred, k)
                 acc = float(np.mean(run.test_pred == y))
-                rows.append({"seed": seed, "macro_f1": f1, "accuracy": acc})
+                val = max(run.val_metric) if run.val_metric else None
+                rows.append({"seed": seed, "macro_f1": f1, "accuracy": acc, "val": val})
                 print(
-                    f"{name}, seed {seed}: macro F1 {f1 * 100:.1f}%, accuracy {acc * 100:.1f}% "
+                    f"{name}, seed {seed}: macro F1 {f1 * 100:.1f}%, accuracy {acc * 100:.1f}%, "
+                    f"best validation {cfg.select_metric} {(val or 0) * 100:.1f}% "
                     f"({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )

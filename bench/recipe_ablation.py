@@ -19,7 +19,8 @@ from training.poc import PocConfig
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    default = PocConfig(data=str(args.data), out="-").train
+    # Skewed sets select checkpoints on macro F1 in the trainer too (training.poc.choose_metric).
+    default = replace(PocConfig(data=str(args.data), out="-").train, select_metric="macro_f1")
     plain = replace(
         default,
         optimizer="sgd",
@@ -32,6 +33,13 @@ def main() -> None:
     rows = {
         "the plain loop's recipe": plain,
         "+ the trainer's augmentation": replace(plain, augment=default.augment),
+        "+ shifts only": replace(plain, augment=("shift",)),
+        "+ flips only": replace(plain, augment=("hflip",)),
+        "+ the trainer's augmentation, twice the epochs": replace(
+            plain, augment=default.augment, epochs=2 * default.epochs
+        ),
+        "the trainer's defaults": default,
+        "the trainer's defaults, no augmentation": replace(default, augment=()),
         "+ the trainer's class weights": replace(plain, class_weighting=default.class_weighting),
         "+ the trainer's batch size": replace(plain, batch_size=default.batch_size),
         "+ AdamW at 3e-4 (a recipe the search can choose)": replace(

@@ -17,7 +17,7 @@ from inspectlib.preprocess import normalize
 from maxmin_inspect.main import main
 from tests.helpers import write_folder
 from training.data import load_dataset
-from training.engine import TrainConfig, bf16_native, fit, precision
+from training.engine import RunResult, TrainConfig, bf16_native, fit, precision
 
 FAST = [
     "--size",
@@ -90,6 +90,16 @@ def test_report_meets_the_contract(run_dir: Path) -> None:
     for m in r["models"].values():
         assert [(t["optimizer"], t["lr"]) for t in m["recipe"]["trials"]] == grid
         assert (m["recipe"]["optimizer"], m["recipe"]["lr"]) in grid
+        # The first seed, trained with and without augmentation for the whole budget: dropped
+        # only where validation shows it clearly, and the report says which it kept.
+        check = m["recipe"]["augment_check"]
+        assert check["kept"] in ("with", "without")
+        assert m["recipe"]["augment"] == ([] if check["kept"] == "without" else ["shift", "hflip"])
+        if "difference" in check:
+            d = check["difference"]
+            assert d["low"] <= d["mean"] <= d["high"]
+            assert abs(d["mean"] - (check["val_without"] - check["val_with"])) < 1e-3
+            assert (check["kept"] == "without") == (d["low"] > 0)
         assert m["score"]["metric"] == "macro_f1"
         for key in ("escape_rate", "false_reject_rate"):
             if m["seeds_failed"] < m["seeds_run"]:
@@ -462,3 +472,51 @@ def test_failed_seeds_are_retried_then_counted_against_the_model(
     assert "did not train properly" in r["verdict"]
     html = (out / "report.html").read_text()
     assert "trained again with a fresh seed" in html and "still failed" in html
+
+
+def _answers(pred: np.ndarray, k: int, diverged: str | None = None) -> RunResult:
+    """A run whose kept weights answered ``pred`` on the validation split."""
+    prob = np.eye(k, dtype=np.float32)[pred]
+    return RunResult(
+        arch="baseline",
+        seed=0,
+        state_dict={},
+        train_loss=[1.0],
+        val_accuracy=[0.0],
+        best_epoch=1,
+        test_pred=pred,
+        test_prob=prob,
+        train_seconds=0.0,
+        peak_memory_bytes=0,
+        diverged=diverged,
+        val_metric=[0.0],
+        val_prob=prob,
+    )
+
+
+def test_augmentation_is_dropped_only_on_clear_validation_evidence() -> None:
+    """The default augmentation stands unless the same seed without it scores higher on the
+    validation split beyond that split's noise; a small split's coin flips do not switch it."""
+    from training.poc import _augment_check
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 100)
+    right = y.copy()
+    half = np.where(rng.random(len(y)) < 0.5, y, (y + 1) % 3)
+    # 300 images: right everywhere against right half the time is beyond any noise.
+    check = _augment_check(_answers(half, 3), _answers(right, 3), y, "macro_f1", 3)
+    assert check["kept"] == "without" and check["difference"]["low"] > 0
+    assert check["val_without"] == 1.0 and check["val_without"] > check["val_with"]
+    # The other way round, the default stands.
+    assert _augment_check(_answers(right, 3), _answers(half, 3), y, "macro_f1", 3)["kept"] == "with"
+    # Two more right answers out of 30 is a higher score, but within the noise of 30 images.
+    small, a = y[::10], half[::10].copy()
+    b = a.copy()
+    wrong = np.flatnonzero(b != small)[:2]
+    b[wrong] = small[wrong]
+    check = _augment_check(_answers(a, 3), _answers(b, 3), small, "accuracy", 3)
+    assert check["val_without"] > check["val_with"] and check["difference"]["low"] <= 0
+    assert check["kept"] == "with"
+    # A run that did not train decides nothing.
+    failed = _answers(right, 3, diverged="stuck at chance level")
+    assert _augment_check(_answers(half, 3), failed, y, "accuracy", 3)["kept"] == "with"

@@ -27,7 +27,8 @@ def epochs_in_all(models: int, seeds: int, epochs: int) -> int:
     """Epochs a run trains: each model's seeds, and its share of the recipe search."""
     from training.poc import SEARCH_GRID
 
-    return models * (seeds * epochs + len(SEARCH_GRID) * max(3, epochs // 3))
+    # The grid's short trials, then each model's first seed once more without augmentation.
+    return models * ((seeds + 1) * epochs + len(SEARCH_GRID) * max(3, epochs // 3))
 
 
 @pytest.fixture

@@ -384,6 +384,7 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
         print(
             f"  {name:<12} accuracy {cells[0]:<14} macro F1 {cells[1]:<14} "
             f"params {m['params']:>9,}  {recipe.get('optimizer', '')} lr {recipe.get('lr', '')}"
+            + ("" if recipe.get("augment", True) else ", no augmentation")
         )
     if args.compress:
         _print_study(_study(run_dir, 256, quiet=args.quiet))

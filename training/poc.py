@@ -25,7 +25,7 @@ from inspectlib.device import resolve_device
 from inspectlib.stats import mcnemar, mean_std, paired_bootstrap, rate_interval
 from models import create_model, list_models
 from training.data import Dataset, load_dataset
-from training.engine import RunResult, TrainConfig, fit, precision
+from training.engine import RunResult, TrainConfig, fit, precision, score
 from training.measure import count_flops, count_params, measure_latency
 from training.report import write_html
 
@@ -156,9 +156,14 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
     grid = SEARCH_GRID if cfg.search else ((cfg.train.optimizer, cfg.train.lr),)
     search_epochs = max(3, cfg.train.epochs // 3)
     seeds = list(range(cfg.seeds))
+    # Each model's first seed is trained once more without augmentation (_augment_check).
+    check_augment = cfg.search and bool(cfg.train.augment) and bool(seeds)
     total = len(cfg.models) * (
-        len(seeds) * cfg.train.epochs + (len(grid) * search_epochs if cfg.search else 0)
+        len(seeds) * cfg.train.epochs
+        + (len(grid) * search_epochs if cfg.search else 0)
+        + (cfg.train.epochs if check_augment else 0)
     )
+    val_y = ds.labels[torch.as_tensor(ds.indices("val"))].numpy()
     progress(state="training", epochs_done=0, epochs_total=total)
     train_start = time.perf_counter()
     done = 0  # epochs counted here: a disabled progress bar counts nothing
@@ -193,9 +198,20 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
             return res
 
         for arch in cfg.models:
-            recipes[arch] = _search(arch, grid, search_epochs, cfg, train)
-            tc = replace(cfg.train, optimizer=recipes[arch]["optimizer"], lr=recipes[arch]["lr"])
-            runs = [train(arch, seed, tc, f"seed {seed}") for seed in seeds]
+            recipe = recipes[arch] = _search(arch, grid, search_epochs, cfg, train)
+            tc = replace(cfg.train, optimizer=recipe["optimizer"], lr=recipe["lr"])
+            runs = [train(arch, seed, tc, f"seed {seed}") for seed in seeds[:1]]
+            if check_augment:
+                bare = replace(tc, augment=())
+                t0 = time.perf_counter()
+                alt = train(arch, seeds[0], bare, f"seed {seeds[0]} without augmentation")
+                recipe["augment_check"] = _augment_check(runs[0], alt, val_y, metric, k)
+                recipe["augment_check"]["seconds"] = round(time.perf_counter() - t0, 3)
+                recipe["seconds"] = round(recipe["seconds"] + recipe["augment_check"]["seconds"], 3)
+                if recipe["augment_check"]["kept"] == "without":
+                    tc, runs = bare, [alt]
+            recipe["augment"] = list(tc.augment)
+            runs += [train(arch, seed, tc, f"seed {seed}") for seed in seeds[1:]]
             for attempt in range(1, cfg.max_retries + 1):
                 failed = _failed(runs)
                 if not any(failed):
@@ -232,7 +248,6 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
         )
         deployed = _deployed_run(runs, models_report[arch])
         if deployed is not None and deployed.val_prob is not None:
-            val_y = ds.labels[torch.as_tensor(ds.indices("val"))].numpy()
             kept_answers[arch] = {
                 "seed": deployed.seed,
                 "validation": answers_of(deployed.val_prob, val_y),
@@ -291,6 +306,8 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
             "enabled": cfg.search,
             "grid": [{"optimizer": o, "lr": lr} for o, lr in grid],
             "epochs": search_epochs if cfg.search else 0,
+            # Each model's first seed once more without augmentation, for the whole budget.
+            "augment_check": check_augment,
             "seconds": round(sum(r["seconds"] for r in recipes.values()), 3),
         },
         "verdict": verdict(models_report, comparison, metric),
@@ -360,6 +377,35 @@ def _search(
         "epochs": epochs,
         "trials": trials,
         "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _augment_check(
+    with_aug: RunResult, without: RunResult, val_y: np.ndarray, metric: str, k: int
+) -> dict[str, Any]:
+    """Whether a model keeps the augmentation, from the same seed trained with and without it for
+    the whole budget: without, only when the validation split shows it scoring higher beyond the
+    split's own noise (the 95 % paired bootstrap interval of the difference lies above zero).
+
+    Shifts and flips are a regularizer: on some data a small network on a fixed budget underfits
+    with them, on other data it overfits without them. A short trial cannot tell these apart (it
+    favours the less regularized run), and a small validation split cannot either, so the default
+    stands unless the evidence is clear (docs/training.md)."""
+    runs = (with_aug, without)
+    if any(r.diverged is not None or r.val_prob is None for r in runs):
+        return {"kept": "with", "reason": "a run did not train; the default stands"}
+    preds = [np.asarray(r.val_prob).argmax(1) for r in runs]
+    diff = paired_bootstrap(metric, val_y, [preds[1]], [preds[0]], k)
+    clear = diff["low"] is not None and diff["low"] > 0
+    return {
+        "kept": "without" if clear else "with",
+        # Scored as the bootstrap scores them: the kept weights, in fp32.
+        "val_with": round(score(metric, val_y, preds[0], k), 5),
+        "val_without": round(score(metric, val_y, preds[1], k), 5),
+        "difference": {key: diff[key] for key in ("mean", "low", "high")},
+        "reason": "higher without it, beyond the validation split's noise"
+        if clear
+        else "not clearly higher without it; the default stands",
     }
 
 
