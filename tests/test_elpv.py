@@ -33,4 +33,9 @@ def test_every_model_beats_the_majority_rule_on_elpv(elpv_dir: Path, tmp_path: P
         assert not m["diverged"], (name, m["diverged"])
         # A clear margin: the majority rule scores about 0.18 here, these models 0.35 and more.
         assert m["macro_f1"]["mean"] > majority + 0.12, (name, m["macro_f1"], majority)
-        assert m["escape_rate"]["rate"] < 0.6, (name, m["escape_rate"])
+        # Defects told from good parts better than any constant answer can: always answering
+        # "functional" escapes every defect, always answering a defect rejects every good part,
+        # and both sum to 1. Where a model sits on that trade-off (one seed, 42 defects) moves
+        # with the seed; the operating point, not the raw answer, sets the escape rate served.
+        escape, reject = m["escape_rate"]["rate"], m["false_reject_rate"]["rate"]
+        assert escape + reject < 0.85, (name, m["escape_rate"], m["false_reject_rate"])
