@@ -387,10 +387,10 @@ def _augment_check(
     the whole budget: without, only when the validation split shows it scoring higher beyond the
     split's own noise (the 95 % paired bootstrap interval of the difference lies above zero).
 
-    Shifts and flips are a regularizer: on some data a small network on a fixed budget underfits
-    with them, on other data it overfits without them. A short trial cannot tell these apart (it
-    favours the less regularized run), and a small validation split cannot either, so the default
-    stands unless the evidence is clear (docs/training.md)."""
+    Shifts and flips are a regularizer, and whether they pay depends on the data. Their cost shows
+    early in a run and their benefit late, so the choice is made on full runs, not short trials;
+    and a small validation split decides by chance, so the default stands unless the evidence is
+    clear (docs/training.md)."""
     runs = (with_aug, without)
     if any(r.diverged is not None or r.val_prob is None for r in runs):
         return {"kept": "with", "reason": "a run did not train; the default stands"}
