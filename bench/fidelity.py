@@ -74,12 +74,16 @@ def load_split(run_dir: Path, size: int, channels: int) -> dict[str, tuple[torch
     return {s: ((x - mean) / std, y) for s, (x, y) in out.items()} | {"classes": classes}
 
 
-def reference_fit(arch: str, data: dict, seed: int, epochs: int, lr: float = 0.05) -> np.ndarray:
+def reference_fit(
+    arch: str, data: dict, seed: int, epochs: int, lr: float = 0.05, norm: str = "none"
+) -> np.ndarray:
     """The textbook loop: returns the test predictions of the last epoch's weights."""
     torch.manual_seed(seed)
     x, y = data["train"]
     k = len(data["classes"])
-    model = create_model(arch, num_classes=k, in_channels=x.shape[1], image_size=x.shape[2])
+    model = create_model(
+        arch, num_classes=k, in_channels=x.shape[1], image_size=x.shape[2], norm=norm
+    )
     for m in model.modules():  # PyTorch's own initialization, as a textbook script would have
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             m.reset_parameters()
@@ -158,7 +162,10 @@ def run_one(data_dir: Path, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     for arch, m in report["models"].items():
         if earlier is None:
-            preds = [reference_fit(arch, data, seed, epochs) for seed in range(args.seeds)]
+            preds = [
+                reference_fit(arch, data, seed, epochs, norm=args.reference_norm)
+                for seed in range(args.seeds)
+            ]
             ref_preds[arch] = preds
             reference = {
                 "accuracy": summary([float(np.mean(p == y)) for p in preds]),
@@ -251,11 +258,22 @@ def main() -> None:
         help="take the reference side from an earlier results file (same data, split, seeds)",
     )
     p.add_argument(
+        "--reference-norm",
+        choices=("none", "batch"),
+        default="none",
+        help="the reference's networks: none, the paper's as published (default); batch, the "
+        "trainer's, with batch normalization, in which MaxMin trains under the textbook recipe",
+    )
+    p.add_argument(
         "--train-args", default="", help="extra options for train, e.g. '--good-class ok'"
     )
     args = p.parse_args()
     args.trainer_args = shlex.split(args.train_args)
     torch.set_num_threads(torch.get_num_threads())
+    if args.reference_norm == "batch":
+        REF_RECIPE["model"] = (
+            "the trainer's networks (batch normalization), PyTorch's default initialization"
+        )
     results = {"reference_recipe": REF_RECIPE, "torch": torch.__version__, "datasets": []}
     for data_dir in args.data:
         r = run_one(data_dir, args)
