@@ -40,6 +40,9 @@ def main() -> None:
         ),
         "the trainer's defaults": default,
         "the trainer's defaults, no augmentation": replace(default, augment=()),
+        "the trainer's defaults, no augmentation, AdamW at 3e-4": replace(
+            default, augment=(), optimizer="adamw", lr=3e-4
+        ),
         "+ the trainer's class weights": replace(plain, class_weighting=default.class_weighting),
         "+ the trainer's batch size": replace(plain, batch_size=default.batch_size),
         "+ AdamW at 3e-4 (a recipe the search can choose)": replace(
