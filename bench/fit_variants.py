@@ -18,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from inspectlib.stats import paired_bootstrap  # noqa: E402
 from training import engine  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.poc import _model_kwargs  # noqa: E402
@@ -59,7 +60,15 @@ def compare(args: argparse.Namespace, variants: dict[str, Variant]) -> dict:
                 f1 = engine.macro_f1(y, run.test_pred, k)
                 acc = float(np.mean(run.test_pred == y))
                 val = max(run.val_metric) if run.val_metric else None
-                rows.append({"seed": seed, "macro_f1": f1, "accuracy": acc, "val": val})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "macro_f1": f1,
+                        "accuracy": acc,
+                        "val": val,
+                        "test_pred": np.asarray(run.test_pred).tolist(),
+                    }
+                )
                 print(
                     f"{name}, seed {seed}: macro F1 {f1 * 100:.1f}%, accuracy {acc * 100:.1f}%, "
                     f"best validation {cfg.select_metric} {(val or 0) * 100:.1f}% "
@@ -68,8 +77,26 @@ def compare(args: argparse.Namespace, variants: dict[str, Variant]) -> dict:
                 )
             f1s = [r["macro_f1"] for r in rows]
             sd = float(np.std(f1s, ddof=1)) if len(f1s) > 1 else 0.0
-            results["variants"][name] = {"recipe": vars(cfg), "runs": rows, "macro_f1_sd": sd}
-            print(f"{name}: macro F1 {np.mean(f1s) * 100:.1f} ± {sd * 100:.1f} over {len(f1s)}")
+            entry = {"recipe": vars(cfg), "runs": rows, "macro_f1_sd": sd}
+            first = next(iter(results["variants"].values()), None)
+            line = f"{name}: macro F1 {np.mean(f1s) * 100:.1f} ± {sd * 100:.1f} over {len(f1s)}"
+            if first is not None:
+                # Against the first variant run, on the same test images: is the difference more
+                # than the finite test set and the seeds can produce by chance?
+                diff = paired_bootstrap(
+                    "macro_f1",
+                    y,
+                    [np.asarray(r["test_pred"]) for r in rows],
+                    [np.asarray(r["test_pred"]) for r in first["runs"]],
+                    k,
+                )
+                entry["difference_to_first"] = {key: diff[key] for key in ("mean", "low", "high")}
+                line += (
+                    f"; against the first variant {diff['mean'] * 100:+.1f} points "
+                    f"(95 % paired bootstrap {diff['low'] * 100:+.1f} to {diff['high'] * 100:+.1f})"
+                )
+            results["variants"][name] = entry
+            print(line, flush=True)
     finally:
         engine.create_model = build
     if args.out:
