@@ -46,6 +46,7 @@ def compare(args: argparse.Namespace, variants: dict[str, Variant]) -> dict:
     kwargs = _model_kwargs(ds, "batch")
     k = kwargs["num_classes"]
     y = splits["test"][1].numpy()
+    val_y = splits["val"][1].numpy()
     build = engine.create_model
     results: dict = {"data": str(args.data), "arch": args.arch, "variants": {}}
     try:
@@ -60,18 +61,26 @@ def compare(args: argparse.Namespace, variants: dict[str, Variant]) -> dict:
                 f1 = engine.macro_f1(y, run.test_pred, k)
                 acc = float(np.mean(run.test_pred == y))
                 val = max(run.val_metric) if run.val_metric else None
+                # The kept weights' mean log-loss on validation: a continuous score, where macro F1
+                # on a class of a few validation images moves in steps.
+                nll = None
+                if run.val_prob is not None:
+                    p_true = np.asarray(run.val_prob)[np.arange(len(val_y)), val_y]
+                    nll = float(-np.mean(np.log(np.clip(p_true, 1e-12, 1.0))))
                 rows.append(
                     {
                         "seed": seed,
                         "macro_f1": f1,
                         "accuracy": acc,
                         "val": val,
+                        "val_nll": nll,
                         "test_pred": np.asarray(run.test_pred).tolist(),
                     }
                 )
                 print(
                     f"{name}, seed {seed}: macro F1 {f1 * 100:.1f}%, accuracy {acc * 100:.1f}%, "
-                    f"best validation {cfg.select_metric} {(val or 0) * 100:.1f}% "
+                    f"best validation {cfg.select_metric} {(val or 0) * 100:.1f}%, "
+                    f"its log-loss {nll if nll is not None else float('nan'):.3f} "
                     f"({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
