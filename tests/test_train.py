@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,25 @@ def test_report_meets_the_contract(run_dir: Path) -> None:
     grid = [(g["optimizer"], g["lr"]) for g in r["search"]["grid"]]
     assert r["search"]["enabled"] and len(grid) >= 3 and r["search"]["seconds"] > 0
     for m in r["models"].values():
-        assert [(t["optimizer"], t["lr"]) for t in m["recipe"]["trials"]] == grid
-        assert (m["recipe"]["optimizer"], m["recipe"]["lr"]) in grid
+        recipe = m["recipe"]
+        assert [(t["optimizer"], t["lr"]) for t in recipe["trials"]] == grid
+        # Each optimizer's best short trial went on to the whole budget, and the better full
+        # run chose the recipe: the short trials pick learning rates, full runs the optimizer.
+        for final in recipe["finals"]:
+            same = [t for t in recipe["trials"] if t["optimizer"] == final["optimizer"]]
+            best = max(same, key=lambda t: t["val"])
+            assert final["lr"] == best["lr"] and final["val"] >= best["val"]
+        assert {f["optimizer"] for f in recipe["finals"]} <= {g[0] for g in grid}
+        chosen = max(recipe["finals"], key=lambda f: f["val"])
+        assert (recipe["optimizer"], recipe["lr"]) == (chosen["optimizer"], chosen["lr"])
+        # The winning full run is the first seed's run (unless dropping augmentation or a
+        # retry replaced it): no seed is trained twice for it.
+        if recipe["augment_check"]["kept"] == "with" and not any(
+            t["slot"] == 0 for t in m["retries"]
+        ):
+            first = m["checkpoints"][0]
+            assert first["seed"] == 0
+            assert math.isclose(first["best_val"], chosen["val"], abs_tol=1e-5)
         # The first seed, trained with and without augmentation for the whole budget: dropped
         # only where validation shows it clearly, and the report says which it kept.
         check = m["recipe"]["augment_check"]
@@ -453,7 +471,26 @@ def test_search_skips_a_recipe_that_diverges(
     for m in r["models"].values():
         assert [t["lr"] for t in m["recipe"]["trials"]] == [1e6, 0.02]
         assert m["recipe"]["trials"][0]["val"] == 0 and m["recipe"]["lr"] == 0.02
-    assert r["search"]["epochs"] == 3 and r["search"]["seconds"] > 0
+        assert [f["lr"] for f in m["recipe"]["finals"]] == [0.02]
+    assert r["search"]["epochs"] == 3 and r["search"]["final_epochs"] == 4
+    assert r["search"]["seconds"] > 0
+
+
+def test_a_run_carried_on_is_the_run_trained_straight_through(small_folder: Path) -> None:
+    """The search stops its runs a third of the way through their schedule and carries the best
+    on. A carried run, with another run trained in between, is the run trained straight through."""
+    from training.engine import Training
+
+    splits, mean, std, kwargs = _small_splits(small_folder, torch.device("cpu"))
+    cfg = TrainConfig(epochs=4, batch_size=8)
+    straight = fit("maxmin", kwargs, splits, mean, std, 3, cfg)
+    run = Training("maxmin", kwargs, splits, mean, std, 3, cfg).advance(1)
+    assert run.epoch == 1 and not run.stopped and run.best_score() > 0
+    Training("maxmin", kwargs, splits, mean, std, 4, replace(cfg, lr=0.01)).advance(2)
+    carried = run.advance().finish()
+    assert carried.train_loss == straight.train_loss and carried.best_epoch == straight.best_epoch
+    for name, value in straight.state_dict.items():
+        torch.testing.assert_close(carried.state_dict[name], value, rtol=0, atol=0)
 
 
 def test_failed_seeds_are_retried_then_counted_against_the_model(

@@ -27,8 +27,12 @@ def epochs_in_all(models: int, seeds: int, epochs: int) -> int:
     """Epochs a run trains: each model's seeds, and its share of the recipe search."""
     from training.poc import SEARCH_GRID
 
-    # The grid's short trials, then each model's first seed once more without augmentation.
-    return models * ((seeds + 1) * epochs + len(SEARCH_GRID) * max(3, epochs // 3))
+    # The grid's short trials, each optimizer's best carried on to the end (one of them is the
+    # first seed's run), then the first seed once more without augmentation.
+    rung = max(1, min(epochs, max(3, epochs // 3)))
+    optimizers = len({o for o, _ in SEARCH_GRID})
+    search = len(SEARCH_GRID) * rung + optimizers * (epochs - rung) - epochs
+    return models * ((seeds + 1) * epochs + search)
 
 
 @pytest.fixture

@@ -406,6 +406,154 @@ def evaluate(
     return torch.cat(out) if out else torch.zeros(0)
 
 
+class Training:
+    """One model trained with one seed, an epoch at a time: a search can stop a run part-way
+    through its schedule and carry it on later, and the carried run is the same run, step for
+    step, as one trained straight through. ``fit`` trains one straight through."""
+
+    def __init__(
+        self,
+        arch: str,
+        model_kwargs: dict,
+        data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        seed: int,
+        cfg: TrainConfig,
+        on_epoch: Callable[[int, float, float], None] | None = None,
+    ) -> None:
+        self.arch, self.seed, self.cfg, self.on_epoch = arch, seed, cfg, on_epoch
+        self.device = device = torch.device(cfg.device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        torch.manual_seed(seed)
+        model = create_model(arch, **model_kwargs).to(device)
+        if device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.gen = torch.Generator().manual_seed(seed)
+        self.train_x, train_y = data["train"]
+        self.val_x, _ = data["val"]
+        self.test_x, _ = data["test"]
+        self.mean, self.std = mean, std
+        self.num_classes = model_kwargs["num_classes"]
+        weights = class_weights(train_y.cpu(), self.num_classes, cfg.class_weighting)
+        loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
+        self.step = TrainStep(model, self.train_x, train_y, mean, std, loss_fn, cfg)
+        steps = steps_per_epoch(len(self.train_x), cfg.batch_size)
+        self.lrs = one_cycle_lrs(cfg, cfg.epochs * steps)
+        self.k = 0  # optimizer steps taken: the position in the schedule
+        self.train_loss: list[float] = []
+        self.val_acc: list[float] = []
+        self.val_metric: list[float] = []
+        self.best, self.best_epoch, self.best_state = -1.0, 0, None
+        self.diverged: str | None = None
+        self.val_labels = data["val"][1].cpu().numpy()
+        self.seconds = 0.0
+        self.peak = 0
+        self.memory_method = ""
+
+    @property
+    def epoch(self) -> int:
+        """Epochs trained so far."""
+        return len(self.train_loss)
+
+    @property
+    def stopped(self) -> bool:
+        """The whole budget is trained, or the run diverged."""
+        return self.diverged is not None or self.epoch >= self.cfg.epochs
+
+    def best_score(self) -> float:
+        """The best validation score so far; 0 for a run whose loss left the finite numbers."""
+        if self.diverged is not None or not self.val_metric:
+            return 0.0
+        return max(self.val_metric)
+
+    def advance(self, until: int | None = None) -> Training:
+        """Train on to epoch ``until`` of the schedule (its end by default), or until diverged."""
+        until = self.cfg.epochs if until is None else min(until, self.cfg.epochs)
+        cfg, device, model, step = self.cfg, self.device, self.model, self.step
+        with PeakMemory(device) as mem:
+            start = time.perf_counter()
+            while not self.stopped and self.epoch < until:
+                model.train()
+                plan, batches = epoch_plan(
+                    len(self.train_x), cfg.batch_size, self.train_x.shape[2], cfg.augment, self.gen
+                )
+                plan = plan.to(device)
+                for at, size in batches:
+                    step.set_lr(self.lrs[self.k])
+                    step(plan[:, at : at + size])
+                    self.k += 1
+                loss = step.epoch_loss()
+                probs = evaluate(model, self.val_x, self.mean, self.std, amp=cfg.amp)
+                pred = probs.argmax(1).numpy()
+                acc = score("accuracy", self.val_labels, pred, self.num_classes)
+                metric = score(cfg.select_metric, self.val_labels, pred, self.num_classes)
+                epoch = self.epoch
+                self.train_loss.append(loss)
+                self.val_acc.append(acc)
+                self.val_metric.append(metric)
+                if self.on_epoch is not None:
+                    self.on_epoch(epoch, loss, metric)
+                if not math.isfinite(loss):
+                    self.diverged = f"training loss became {loss} at epoch {epoch + 1}"
+                    break
+                if metric > self.best:
+                    self.best, self.best_epoch = metric, epoch + 1
+                    self.best_state = copy.deepcopy(model.state_dict())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.seconds += time.perf_counter() - start
+        self.peak = max(self.peak, mem.peak)
+        self.memory_method = mem.method
+        return self
+
+    def finish(self) -> RunResult:
+        """The run's result, with the weights of its best validation epoch."""
+        cfg, model, mean, std = self.cfg, self.model, self.mean, self.std
+        diverged, best, train_loss = self.diverged, self.best, self.train_loss
+        num_classes = self.num_classes
+        chance = chance_score(cfg.select_metric, self.val_labels, num_classes)
+        if diverged is None and best <= chance + 0.01:
+            name = {"macro_f1": "macro F1"}.get(cfg.select_metric, cfg.select_metric)
+            last = f"{train_loss[-1]:.3f}" if train_loss else "none"
+            diverged = (
+                f"stuck at chance level: best validation {name} {best:.3f} vs {chance:.3f} for "
+                f"always answering the largest class (training loss {last}, "
+                f"ln({num_classes}) = {math.log(num_classes):.3f})"
+            )
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        # The test and validation sets are scored in fp32, as the service runs the models.
+        prob = evaluate(model, self.test_x, mean, std, amp=False)
+        val_prob = evaluate(model, self.val_x, mean, std, amp=False)
+        state = {
+            k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
+            for k, v in model.state_dict().items()
+        }
+        return RunResult(
+            arch=self.arch,
+            seed=self.seed,
+            state_dict=state,
+            train_loss=train_loss,
+            val_accuracy=self.val_acc,
+            best_epoch=self.best_epoch,
+            test_pred=prob.argmax(1).numpy(),
+            test_prob=prob.numpy(),
+            train_seconds=self.seconds,
+            peak_memory_bytes=self.peak,
+            diverged=diverged,
+            val_metric=self.val_metric,
+            val_prob=val_prob.numpy(),
+            extra={
+                "memory_method": self.memory_method,
+                "training_step": self.step.mode,
+                "step_fallback": self.step.fallback,
+            },
+        )
+
+
 def fit(
     arch: str,
     model_kwargs: dict,
@@ -417,93 +565,5 @@ def fit(
     on_epoch: Callable[[int, float, float], None] | None = None,
 ) -> RunResult:
     """Train ``arch`` with ``seed``; keep the weights of the best validation epoch."""
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    torch.manual_seed(seed)
-    model = create_model(arch, **model_kwargs).to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    gen = torch.Generator().manual_seed(seed)
-    train_x, train_y = data["train"]
-    val_x, val_y = data["val"]
-    test_x, _ = data["test"]
-    num_classes = model_kwargs["num_classes"]
-    weights = class_weights(train_y.cpu(), num_classes, cfg.class_weighting)
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
-    step = TrainStep(model, train_x, train_y, mean, std, loss_fn, cfg)
-    lrs = one_cycle_lrs(cfg, cfg.epochs * steps_per_epoch(len(train_x), cfg.batch_size))
-    train_loss: list[float] = []
-    val_acc: list[float] = []
-    val_metric: list[float] = []
-    best, best_epoch, best_state = -1.0, 0, None
-    diverged = None
-    val_labels = val_y.cpu().numpy()
-    with PeakMemory(device) as mem:
-        start = time.perf_counter()
-        k = 0
-        for epoch in range(cfg.epochs):
-            model.train()
-            plan, batches = epoch_plan(
-                len(train_x), cfg.batch_size, train_x.shape[2], cfg.augment, gen
-            )
-            plan = plan.to(device)
-            for at, size in batches:
-                step.set_lr(lrs[k])
-                step(plan[:, at : at + size])
-                k += 1
-            loss = step.epoch_loss()
-            pred = evaluate(model, val_x, mean, std, amp=cfg.amp).argmax(1).numpy()
-            acc = score("accuracy", val_labels, pred, num_classes)
-            metric = score(cfg.select_metric, val_labels, pred, num_classes)
-            train_loss.append(loss)
-            val_acc.append(acc)
-            val_metric.append(metric)
-            if on_epoch is not None:
-                on_epoch(epoch, loss, metric)
-            if not math.isfinite(loss):
-                diverged = f"training loss became {loss} at epoch {epoch + 1}"
-                break
-            if metric > best:
-                best, best_epoch = metric, epoch + 1
-                best_state = copy.deepcopy(model.state_dict())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-    chance = chance_score(cfg.select_metric, val_labels, num_classes)
-    if diverged is None and best <= chance + 0.01:
-        name = {"macro_f1": "macro F1"}.get(cfg.select_metric, cfg.select_metric)
-        diverged = (
-            f"stuck at chance level: best validation {name} {best:.3f} vs {chance:.3f} for always "
-            f"answering the largest class (training loss {train_loss[-1]:.3f}, "
-            f"ln({num_classes}) = {math.log(num_classes):.3f})"
-        )
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    # The test and validation sets are scored in fp32, as the service runs the models.
-    prob = evaluate(model, test_x, mean, std, amp=False)
-    val_prob = evaluate(model, val_x, mean, std, amp=False)
-    state = {
-        k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
-        for k, v in model.state_dict().items()
-    }
-    return RunResult(
-        arch=arch,
-        seed=seed,
-        state_dict=state,
-        train_loss=train_loss,
-        val_accuracy=val_acc,
-        best_epoch=best_epoch,
-        test_pred=prob.argmax(1).numpy(),
-        test_prob=prob.numpy(),
-        train_seconds=seconds,
-        peak_memory_bytes=mem.peak,
-        diverged=diverged,
-        val_metric=val_metric,
-        val_prob=val_prob.numpy(),
-        extra={
-            "memory_method": mem.method,
-            "training_step": step.mode,
-            "step_fallback": step.fallback,
-        },
-    )
+    run = Training(arch, model_kwargs, data, mean, std, seed, cfg, on_epoch=on_epoch)
+    return run.advance().finish()
