@@ -138,6 +138,7 @@ def test_html_report_is_self_contained(run_dir: Path) -> None:
     html = (run_dir / "report.html").read_text()
     assert html.count("<svg") >= 5  # cost, curves, three confusion matrices
     assert "broken.jpg" in html and "Verdict" in html
+    assert "full runs" in html and "became the first seed" in html  # what the search did
     assert re.search(r"(eager|CUDA graph) training steps", html)  # how it trained, for the record
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing loaded from outside
     (run_dir / "report.html").unlink()
