@@ -112,7 +112,6 @@ def test_report_meets_the_contract(run_dir: Path) -> None:
         # only where validation shows it clearly, and the report says which it kept.
         check = m["recipe"]["augment_check"]
         assert check["kept"] in ("with", "without")
-        assert check["kept"] == r["search"]["augmentation"]["kept"]  # one decision for all
         assert m["recipe"]["augment"] == ([] if check["kept"] == "without" else ["shift", "hflip"])
         if "difference" in check:
             d = check["difference"]
@@ -543,32 +542,19 @@ def test_augmentation_is_dropped_only_on_clear_validation_evidence() -> None:
     right = y.copy()
     half = np.where(rng.random(len(y)) < 0.5, y, (y + 1) % 3)
     # 300 images: right everywhere against right half the time is beyond any noise.
-    check = _augment_check([_answers(half, 3)], [_answers(right, 3)], y, "macro_f1", 3)
+    check = _augment_check(_answers(half, 3), _answers(right, 3), y, "macro_f1", 3)
     assert check["kept"] == "without" and check["difference"]["low"] > 0
     assert check["val_without"] == 1.0 and check["val_without"] > check["val_with"]
     # The other way round, the default stands.
-    assert (
-        _augment_check([_answers(right, 3)], [_answers(half, 3)], y, "macro_f1", 3)["kept"]
-        == "with"
-    )
+    assert _augment_check(_answers(right, 3), _answers(half, 3), y, "macro_f1", 3)["kept"] == "with"
     # Two more right answers out of 30 is a higher score, but within the noise of 30 images.
     small, a = y[::10], half[::10].copy()
     b = a.copy()
     wrong = np.flatnonzero(b != small)[:2]
     b[wrong] = small[wrong]
-    check = _augment_check([_answers(a, 3)], [_answers(b, 3)], small, "accuracy", 3)
+    check = _augment_check(_answers(a, 3), _answers(b, 3), small, "accuracy", 3)
     assert check["val_without"] > check["val_with"] and check["difference"]["low"] <= 0
     assert check["kept"] == "with"
     # A run that did not train decides nothing.
     failed = _answers(right, 3, diverged="stuck at chance level")
-    assert _augment_check([_answers(half, 3)], [failed], y, "accuracy", 3)["kept"] == "with"
-    # Decided once for every model, on all their pairs: three models clearly better without it
-    # and one model equal carry the decision for all four; a pair that did not train is left out.
-    check = _augment_check(
-        [_answers(half, 3)] * 3 + [_answers(right, 3), _answers(half, 3)],
-        [_answers(right, 3)] * 4 + [failed],
-        y,
-        "macro_f1",
-        3,
-    )
-    assert check["kept"] == "without" and check["pairs"] == 4
+    assert _augment_check(_answers(half, 3), failed, y, "accuracy", 3)["kept"] == "with"
