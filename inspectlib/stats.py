@@ -72,11 +72,15 @@ def paired_bootstrap(
     level: float = 0.95,
     resamples: int = 2000,
     seed: int = 0,
+    draw_pairs: bool = True,
 ) -> dict[str, float | int | str | None]:
     """Mean over seeds of ``metric``(a) - ``metric``(b) on the same test images, with a two-level
     percentile bootstrap: each resample draws the seed pairs with replacement, then the test
     images with replacement (the same images for both models). So the interval holds both the seed
-    noise and the finite test set, which a t-interval over 2-3 seed differences cannot."""
+    noise and the finite test set, which a t-interval over 2-3 seed differences cannot.
+
+    ``draw_pairs=False`` keeps every pair in each resample and draws only the images: for pairs
+    that are not a sample of anything, such as one pair per model."""
     y = np.asarray(y)
     n_seeds = min(len(preds_a), len(preds_b))
     if n_seeds == 0 or len(y) == 0:
@@ -88,7 +92,7 @@ def paired_bootstrap(
     rng = np.random.default_rng(seed)
     diffs = np.empty(resamples)
     for i in range(resamples):
-        s = rng.integers(0, n_seeds, n_seeds)
+        s = rng.integers(0, n_seeds, n_seeds) if draw_pairs else np.arange(n_seeds)
         idx = rng.integers(0, len(y), len(y))
         yy = np.broadcast_to(y[idx], (n_seeds, len(y)))
         diffs[i] = np.mean(
@@ -100,7 +104,8 @@ def paired_bootstrap(
         "low": float(np.percentile(diffs, tail)),
         "high": float(np.percentile(diffs, 100 - tail)),
         "n": n_seeds,
-        "method": f"paired bootstrap over seeds and test images ({resamples} resamples)",
+        "method": f"paired bootstrap over {'seeds and ' if draw_pairs else ''}test images "
+        f"({resamples} resamples)",
     }
 
 

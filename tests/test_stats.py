@@ -108,3 +108,20 @@ def test_metric_choice_and_the_failed_seed_rule() -> None:
     assert failed_against_siblings([0.42, 0.34]) == [False, False]
     assert failed_against_siblings([0.71, 0.62, 0.37]) == [False, False, True]
     assert failed_against_siblings([0.5]) == [False]
+
+
+def test_paired_bootstrap_can_keep_every_pair_and_draw_only_the_images() -> None:
+    """Pairs that are not a sample (one per model) are all kept in every resample: their
+    disagreement is then no noise, and only the images are drawn."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    right, wrong = y.copy(), 1 - y
+    some = np.where(rng.random(400) < 0.5, y, 1 - y)
+    # One pair far better, one far worse: the mean is near zero either way.
+    a, b = [right, some], [some, right]
+    drawn = paired_bootstrap("accuracy", y, a, b, 2)
+    kept = paired_bootstrap("accuracy", y, a, b, 2, draw_pairs=False)
+    assert abs(drawn["mean"]) < 1e-9 and abs(kept["mean"]) < 1e-9
+    assert kept["high"] - kept["low"] < 0.25 * (drawn["high"] - drawn["low"])
+    assert "seeds" not in kept["method"] and "seeds" in drawn["method"]
+    assert paired_bootstrap("accuracy", y, [right], [wrong], 2, draw_pairs=False)["low"] == 1.0

@@ -206,6 +206,7 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
         def train(arch: str, seed: int, tc: TrainConfig, what: str) -> RunResult:
             return advance(start(arch, seed, tc, what)).finish()
 
+        pending: dict[str, tuple[TrainConfig, list[RunResult], RunResult | None]] = {}
         for arch in cfg.models:
             first = seeds[0] if seeds else 0
             recipe, won = _search(arch, grid, first, cfg, start, advance, count)
@@ -216,14 +217,34 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
             else:
                 runs = [train(arch, seed, tc, f"seed {seed}") for seed in seeds[:1]]
             if check_augment:
-                bare = replace(tc, augment=())
                 t0 = time.perf_counter()
+                bare = replace(tc, augment=())
                 alt = train(arch, seeds[0], bare, f"seed {seeds[0]} without augmentation")
-                recipe["augment_check"] = _augment_check(runs[0], alt, val_y, metric, k)
-                recipe["augment_check"]["seconds"] = round(time.perf_counter() - t0, 3)
-                recipe["seconds"] = round(recipe["seconds"] + recipe["augment_check"]["seconds"], 3)
-                if recipe["augment_check"]["kept"] == "without":
-                    tc, runs = bare, [alt]
+                check = _augment_check(runs[:1], [alt], val_y, metric, k)
+                check["seconds"] = round(time.perf_counter() - t0, 3)
+                recipe["augment_check"] = check
+                recipe["seconds"] = round(recipe["seconds"] + check["seconds"], 3)
+                pending[arch] = (tc, runs, alt)
+            else:
+                pending[arch] = (tc, runs, None)
+        # Augmentation is decided once, for every model, on all their pairs (_augment_check).
+        augmentation = None
+        if check_augment:
+            pairs = [(v[1][0], v[2]) for v in pending.values()]
+            augmentation = _augment_check(
+                [w for w, _ in pairs], [wo for _, wo in pairs], val_y, metric, k
+            )
+        for arch in cfg.models:
+            tc, runs, alt = pending[arch]
+            recipe = recipes[arch]
+            if augmentation is not None and alt is not None:
+                recipe["augment_check"].update(
+                    model_kept=recipe["augment_check"]["kept"],
+                    kept=augmentation["kept"],
+                    reason="decided with every model's pair: " + augmentation["reason"],
+                )
+                if augmentation["kept"] == "without":
+                    tc, runs = replace(tc, augment=()), [alt]
             recipe["augment"] = list(tc.augment)
             runs += [train(arch, seed, tc, f"seed {seed}") for seed in seeds[1:]]
             for attempt in range(1, cfg.max_retries + 1):
@@ -325,6 +346,8 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
             "seed": seeds[0] if seeds else 0,
             # Each model's first seed once more without augmentation, for the whole budget.
             "augment_check": check_augment,
+            # The decision on augmentation, from every model's pair: the same for every model.
+            "augmentation": augmentation,
             "seconds": round(sum(r["seconds"] for r in recipes.values()), 3),
         },
         "verdict": verdict(models_report, comparison, metric),
@@ -451,31 +474,48 @@ def _search(
 
 
 def _augment_check(
-    with_aug: RunResult, without: RunResult, val_y: np.ndarray, metric: str, k: int
+    with_aug: list[RunResult],
+    without: list[RunResult],
+    val_y: np.ndarray,
+    metric: str,
+    k: int,
 ) -> dict[str, Any]:
-    """Whether a model keeps the augmentation, from the same seed trained with and without it for
-    the whole budget: without, only when the validation split shows it scoring higher beyond the
-    split's own noise (the 95 % paired bootstrap interval of the difference lies above zero).
+    """Whether augmentation stays, from pairs of runs (one per model, the same seed trained with
+    and without it for the whole budget): dropped when the runs without it score higher on the
+    validation split, on the mean over the pairs. The 95 % paired bootstrap interval of that mean
+    (over the validation images; the models are not a sample) says how sure the choice is.
 
-    Shifts and flips are a regularizer, and whether they pay depends on the data. Their cost shows
-    early in a run and their benefit late, so the choice is made on full runs, not short trials;
-    and a small validation split decides by chance, so the default stands unless the evidence is
-    clear (docs/training.md)."""
-    runs = (with_aug, without)
-    if any(r.diverged is not None or r.val_prob is None for r in runs):
+    Shifts and flips are a regularizer, and whether they pay is a property of the data, not of
+    one model: the decision pools every model's pair, which averages out each model's own run
+    noise, and every model then trains the same way. Their cost shows early in a run and their
+    benefit late, so the choice is made on full runs, not short trials. It is made on the mean,
+    as the search chooses learning rates and optimizers: a burden of proof on one side would keep
+    that side whenever a small validation split cannot tell, a bias the search does not have
+    (docs/training.md)."""
+    pairs = [
+        (w, wo)
+        for w, wo in zip(with_aug, without, strict=True)
+        if all(r.diverged is None and r.val_prob is not None for r in (w, wo))
+    ]
+    if not pairs:
         return {"kept": "with", "reason": "a run did not train; the default stands"}
-    preds = [np.asarray(r.val_prob).argmax(1) for r in runs]
-    diff = paired_bootstrap(metric, val_y, [preds[1]], [preds[0]], k)
-    clear = diff["low"] is not None and diff["low"] > 0
+    preds_with = [np.asarray(w.val_prob).argmax(1) for w, _ in pairs]
+    preds_without = [np.asarray(wo.val_prob).argmax(1) for _, wo in pairs]
+    diff = paired_bootstrap(metric, val_y, preds_without, preds_with, k, draw_pairs=False)
+    higher = diff["mean"] is not None and diff["mean"] > 0
+    clear = diff["low"] is not None and (diff["low"] > 0 or diff["high"] < 0)
     return {
-        "kept": "without" if clear else "with",
+        "kept": "without" if higher else "with",
         # Scored as the bootstrap scores them: the kept weights, in fp32.
-        "val_with": round(score(metric, val_y, preds[0], k), 5),
-        "val_without": round(score(metric, val_y, preds[1], k), 5),
+        "val_with": round(float(np.mean([score(metric, val_y, p, k) for p in preds_with])), 5),
+        "val_without": round(
+            float(np.mean([score(metric, val_y, p, k) for p in preds_without])), 5
+        ),
         "difference": {key: diff[key] for key in ("mean", "low", "high")},
-        "reason": "higher without it, beyond the validation split's noise"
-        if clear
-        else "not clearly higher without it; the default stands",
+        "pairs": len(pairs),
+        "clear": clear,
+        "reason": ("higher without it" if higher else "not higher without it")
+        + ("" if clear else ", within the validation split's noise"),
     }
 
 
