@@ -3,6 +3,9 @@
 Three 5x5 convolutions (32, 32, 64 maps), each followed by its activation and a 3x3 stride-2 max
 pooling, then a 64-unit hidden layer and the classifier. MaxMin doubles the maps each convolution
 passes on, so the next convolution and the hidden layer see twice the inputs.
+
+Each builder takes ``widths`` so that a structurally pruned model (``models.slim``) is rebuilt from
+its checkpoint under its own name with fewer maps.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ class SmallCNN(nn.Module):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
         if image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+        self.config = {
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "image_size": image_size,
+            "widths": tuple(int(w) for w in widths),
+            "maxmin": maxmin,
+            "hidden": hidden,
+            "fused": fused,
+            "norm": norm,
+        }
+        if any(w < 1 for w in self.config["widths"]):
+            raise ValueError(f"every width must be at least 1, got {tuple(widths)}")
         layers: list[nn.Module] = []
         channels = in_channels
         if norm not in ("none", "batch"):
@@ -92,29 +107,56 @@ class SmallCNN(nn.Module):
 
 @register_model()
 def baseline(
-    num_classes: int, in_channels: int = 3, image_size: int = 64, norm: str = "none"
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 64,
+    norm: str = "none",
+    widths: Sequence[int] | None = None,
 ) -> SmallCNN:
     """The plain CNN: ReLU after each convolution (32, 32, 64 maps)."""
     return SmallCNN(
-        num_classes, in_channels, image_size, widths=(32, 32, 64), maxmin=False, norm=norm
+        num_classes,
+        in_channels,
+        image_size,
+        widths=(32, 32, 64) if widths is None else widths,
+        maxmin=False,
+        norm=norm,
     )
 
 
 @register_model()
 def maxmin(
-    num_classes: int, in_channels: int = 3, image_size: int = 64, norm: str = "none"
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 64,
+    norm: str = "none",
+    widths: Sequence[int] | None = None,
 ) -> SmallCNN:
     """The MaxMin CNN: the same widths, MaxMin after each convolution (about 2x the parameters)."""
     return SmallCNN(
-        num_classes, in_channels, image_size, widths=(32, 32, 64), maxmin=True, norm=norm
+        num_classes,
+        in_channels,
+        image_size,
+        widths=(32, 32, 64) if widths is None else widths,
+        maxmin=True,
+        norm=norm,
     )
 
 
 @register_model()
 def maxmin_half(
-    num_classes: int, in_channels: int = 3, image_size: int = 64, norm: str = "none"
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 64,
+    norm: str = "none",
+    widths: Sequence[int] | None = None,
 ) -> SmallCNN:
     """MaxMin with halved widths (16, 16, 32): the cost-matched control for the baseline."""
     return SmallCNN(
-        num_classes, in_channels, image_size, widths=(16, 16, 32), maxmin=True, norm=norm
+        num_classes,
+        in_channels,
+        image_size,
+        widths=(16, 16, 32) if widths is None else widths,
+        maxmin=True,
+        norm=norm,
     )

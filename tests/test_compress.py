@@ -177,3 +177,50 @@ def test_triton_repository_fits_the_models(compressed_run: Path, tmp_path: Path,
 def test_triton_export_without_forms(trained_run: Path, tmp_path: Path) -> None:
     r = _cli("export", str(trained_run), "--triton", str(tmp_path / "t"))
     assert r.returncode == 2 and "maxmin-inspect compress" in r.stderr
+
+
+def test_pruned_forms_in_the_study(trained_run: Path, tmp_path: Path) -> None:
+    """With --prune: each model slimmed to half its filters, fine-tuned, exported and quantized;
+    the pruned network loads from its own checkpoint and its ONNX form answers as it does."""
+    import torch
+
+    from inspectlib.checkpoint import load_checkpoint
+    from training.compress import compress_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    r = _cli("compress", str(run), "--rounds", "1", "--prune", "0.5", "--prune-epochs", "2")
+    assert r.returncode == 0, r.stderr
+    assert "pruned-int8" in r.stdout
+    study = json.loads((run / "report.json").read_text())["compression"]
+    assert study["forms"][-2:] == ["pruned-fp32", "pruned-int8"]
+    assert study["pruning"]["keep"] == 0.5
+    for name in NAMES:
+        m = study["models"][name]
+        forms, pruning = m["forms"], m["pruning"]
+        assert pruning["widths"] == [w // 2 for w in pruning["widths_before"]]
+        assert pruning["params"] < 0.5 * pruning["params_before"]
+        assert 1 <= pruning["fine_tune"]["best_epoch"] <= 2
+        assert forms["pruned-fp32"]["weights_bytes"] < 0.6 * forms["onnx-fp32"]["weights_bytes"]
+        assert forms["pruned-int8"]["weights_bytes"] < forms["pruned-fp32"]["weights_bytes"]
+        model, meta = load_checkpoint(run / "compressed" / f"{name}.pruned")
+        assert meta["model_kwargs"]["widths"] == pruning["widths"]
+        assert meta["pruned"]["from"] == read_meta_sha(trained_run, name)
+        sess = onnxform.session(run / forms["pruned-fp32"]["file"])
+        x = np.random.default_rng(0).integers(0, 256, (4, 1, 24, 24), dtype=np.uint8)
+        mean = torch.tensor(meta["preprocess"]["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(meta["preprocess"]["std"]).view(1, -1, 1, 1)
+        with torch.no_grad():
+            want = torch.softmax(model((torch.from_numpy(x).float() / 255 - mean) / std), 1)
+        np.testing.assert_allclose(onnxform.run(sess, x), want.numpy(), atol=1e-4)
+    assert "Pruned to 50% of the filters" in study["verdict"]
+    html = (run / "report.html").read_text()
+    assert "pruned-int8" in html and 'id="pruning"' in html and "32/32/64 → 16/16/32" in html
+    with pytest.raises(ValueError, match="above 0 and below 1"):
+        compress_run(run, prune=1.5)
+
+
+def read_meta_sha(run: Path, name: str) -> str:
+    report = json.loads((run / "report.json").read_text())
+    meta = json.loads((run / (report["models"][name]["checkpoint"] + ".json")).read_text())
+    return meta["weights_sha256"]

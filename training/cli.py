@@ -245,6 +245,20 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     c.add_argument(
         "--rounds", type=positive_int, default=20, help="timing rounds per form (default: 20)"
     )
+    c.add_argument(
+        "--prune",
+        type=float,
+        default=None,
+        metavar="KEEP",
+        help="also prune whole filters, keeping this fraction of each convolution's (e.g. 0.5), "
+        "fine-tune, and add the pruned network in fp32 and int8 to the study",
+    )
+    c.add_argument(
+        "--prune-epochs",
+        type=positive_int,
+        default=5,
+        help="epochs of fine-tuning after pruning (default: 5)",
+    )
 
     x = sub.add_parser(
         "export",
@@ -403,14 +417,28 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study(run_dir: Path, calibration: int, rounds: int = 20, quiet: bool = False) -> dict:
+def _study(
+    run_dir: Path,
+    calibration: int,
+    rounds: int = 20,
+    quiet: bool = False,
+    prune: float | None = None,
+    prune_epochs: int = 5,
+) -> dict:
     from training.compress import compress_run
 
     def say(msg: str) -> None:
         if not quiet:
             print(f"compress: {msg}", file=sys.stderr)
 
-    return compress_run(run_dir, calibration=calibration, rounds=rounds, progress=say)
+    return compress_run(
+        run_dir,
+        calibration=calibration,
+        rounds=rounds,
+        progress=say,
+        prune=prune,
+        prune_epochs=prune_epochs,
+    )
 
 
 def _print_study(study: dict) -> None:
@@ -418,7 +446,7 @@ def _print_study(study: dict) -> None:
     for name, m in study["models"].items():
         for form, f in m["forms"].items():
             print(
-                f"  {name:<12} {form:<11} accuracy {f['accuracy'] * 100:5.1f}%  macro F1 "
+                f"  {name:<12} {form:<12} accuracy {f['accuracy'] * 100:5.1f}%  macro F1 "
                 f"{f['macro_f1'] * 100:5.1f}% ({f['macro_f1_change'] * 100:+.1f})  "
                 f"{f['weights_bytes'] / 1024:8.0f} KiB  p50 {f['latency_ms_p50']:.2f} ms  "
                 f"p99 {f['latency_ms_p99']:.2f} ms  {f['images_per_second_batch32']:7.0f} img/s"
@@ -428,7 +456,15 @@ def _print_study(study: dict) -> None:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    _print_study(_study(args.run_dir, args.calibration, args.rounds))
+    _print_study(
+        _study(
+            args.run_dir,
+            args.calibration,
+            args.rounds,
+            prune=args.prune,
+            prune_epochs=args.prune_epochs,
+        )
+    )
     print(f"\nForms: {args.run_dir / 'compressed'}; report: {args.run_dir / 'report.html'}")
     return 0
 

@@ -6,7 +6,11 @@ For every model with a deployed checkpoint, ``compress_run``:
    probability difference under ``EXPORT_TOLERANCE``, and the answers the same);
 2. quantizes it to int8 with ONNX Runtime's static quantization, calibrated on images of the
    run's training split (``inspectlib.onnxform``);
-3. scores each form on the test images: accuracy and macro F1, the change against fp32 PyTorch and
+3. with ``prune``, prunes whole filters (``models.slim``: the given fraction of each
+   convolution's filters kept, by batch-norm scale) and fine-tunes the smaller network for a few
+   epochs on the training split, with the model's own recipe at a tenth of its peak learning rate,
+   keeping the best validation epoch; the pruned network is exported and quantized as above;
+4. scores each form on the test images: accuracy and macro F1, the change against fp32 PyTorch and
    McNemar's exact test against it on the same images; the weights' bytes; CPU latency p50/p99 at
    batch 1 and images/s at batch 32, every form timed in the same rounds, one thread each.
 
@@ -36,15 +40,20 @@ import numpy as np
 import torch
 
 from inspectlib import onnxform
-from inspectlib.checkpoint import load_checkpoint, preprocess_of, read_meta
+from inspectlib.checkpoint import load_checkpoint, preprocess_of, read_meta, save_checkpoint
 from inspectlib.imaging import ImageError
 from inspectlib.preprocess import Preprocess
 from inspectlib.stats import mcnemar
-from training.engine import macro_f1
+from models.slim import slim
+from training.engine import TrainConfig, Training, macro_f1
 from training.report import read_report, rerender
 
 EXPORT_TOLERANCE = 1e-4  # largest |p_onnx - p_torch| accepted for the fp32 export
 CALIBRATION_IMAGES = 256
+PRUNE_EPOCHS = 5
+# A fine-tune starts from trained weights: the recipe's full peak would undo much of what they
+# hold before the pruned network has adapted.
+FINE_TUNE_LR_FACTOR = 0.1
 
 
 class CompressError(ValueError):
@@ -126,14 +135,108 @@ def _timings(
     }
 
 
+def _prune(
+    run_dir: Path,
+    name: str,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    report: dict[str, Any],
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    pre: Preprocess,
+    keep: float,
+    epochs: int,
+    threads: int,
+) -> tuple[Path, dict[str, Any]]:
+    """Slim ``model`` to ``keep`` of its filters, fine-tune it, and save it as a checkpoint beside
+    the forms; returns the checkpoint's path and what was done."""
+    small = slim(model, keep)
+    kwargs = {**meta["model_kwargs"], "widths": list(small.config["widths"])}
+    config = report.get("run", {}).get("config", {}).get("train", {})
+    recipe = report["models"][name].get("recipe") or {}
+    metric = report.get("metric", {}).get("name", "accuracy")
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=int(config.get("batch_size", TrainConfig.batch_size)),
+        optimizer=recipe.get("optimizer", config.get("optimizer", TrainConfig.optimizer)),
+        lr=float(recipe.get("lr", config.get("lr", TrainConfig.lr))) * FINE_TUNE_LR_FACTOR,
+        weight_decay=float(config.get("weight_decay", TrainConfig.weight_decay)),
+        augment=tuple(recipe.get("augment", config.get("augment", TrainConfig.augment))),
+        class_weighting=config.get("class_weighting", TrainConfig.class_weighting),
+        select_metric=metric,
+        device="cpu",
+        cuda_graphs=False,
+    )
+    mean, std = pre.tensors("cpu")
+    y_test = data["test"][1].numpy()
+    k = int(meta["model_kwargs"]["num_classes"])
+    with torch.inference_mode():
+        small.eval()
+        x = (data["test"][0].float() / 255.0 - mean) / std
+        before = macro_f1(y_test, small(x).argmax(1).numpy(), k)
+    torch.set_num_threads(threads)
+    try:
+        tuned = (
+            Training(
+                meta["arch"],
+                kwargs,
+                data,
+                mean,
+                std,
+                int(meta.get("seed", 0)),
+                cfg,
+                init_state=small.state_dict(),
+            )
+            .advance()
+            .finish()
+        )
+    finally:
+        torch.set_num_threads(1)
+    if tuned.diverged:
+        raise CompressError(f"{name}: the pruned network's fine-tune failed: {tuned.diverged}")
+    path = run_dir / onnxform.FOLDER / f"{name}.pruned"
+    base = {k2: v for k2, v in meta.items() if not k2.startswith(("weights_", "format_"))}
+    info = {
+        "keep": keep,
+        "widths_before": list(model.config["widths"]),
+        "widths": list(small.config["widths"]),
+        "importance": "batch-norm scale"
+        if meta["model_kwargs"].get("norm") == "batch"
+        else "L1 norm of the filter",
+        "params_before": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in small.parameters()),
+        "fine_tune": {
+            "epochs": epochs,
+            "optimizer": cfg.optimizer,
+            "lr": cfg.lr,
+            "augment": list(cfg.augment),
+            "best_epoch": tuned.best_epoch,
+            "seconds": round(tuned.train_seconds, 3),
+            "test_macro_f1_before": before,
+        },
+    }
+    save_checkpoint(
+        tuned.state_dict,
+        {**base, "model_kwargs": kwargs, "pruned": {**info, "from": meta["weights_sha256"]}},
+        path,
+    )
+    return path, info
+
+
 def compress_run(
     run_dir: Path,
     calibration: int = CALIBRATION_IMAGES,
     rounds: int = 20,
     progress: Callable[[str], None] = lambda _msg: None,
+    prune: float | None = None,
+    prune_epochs: int = PRUNE_EPOCHS,
 ) -> dict[str, Any]:
     """Run the study on ``run_dir``; writes the forms under ``RUN/compressed/``, the study into
-    report.json and the report page, and returns the study."""
+    report.json and the report page, and returns the study. ``prune``: the fraction of each
+    convolution's filters to keep in the pruned forms (none without it)."""
+    if prune is not None and not 0.0 < prune < 1.0:
+        raise CompressError(
+            f"--prune keeps a fraction of the filters, above 0 and below 1: {prune}"
+        )
     run_dir = Path(run_dir)
     report_file = run_dir / "report.json"
     report = read_report(run_dir)
@@ -151,12 +254,29 @@ def compress_run(
         raise CompressError(f"split.csv names classes the models do not know: {unknown}")
     y = np.array([classes.index(c) for c in test_labels])
     k = len(classes)
+    data = None
+    if prune is not None:
+        progress("decoding the training and validation images for the fine-tune")
+        data = {"test": (torch.from_numpy(test_x), torch.from_numpy(y))}
+        for split in ("train", "val"):
+            xs, labels = _split_arrays(run_dir, pre, split, None)
+            if set(labels) - set(classes):
+                raise CompressError(f"split.csv names classes the models do not know: {labels}")
+            data[split] = (
+                torch.from_numpy(xs).contiguous(memory_format=torch.channels_last),
+                torch.tensor([classes.index(c) for c in labels]),
+            )
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    pruned_forms = ["pruned-fp32", "pruned-int8"] if prune is not None else []
     study: dict[str, Any] = {
-        "forms": ["torch-fp32", "onnx-fp32", "onnx-int8"],
+        "forms": ["torch-fp32", "onnx-fp32", "onnx-int8", *pruned_forms],
         "test_images": len(y),
         "calibration_images": len(calib_x),
         "threads": 1,
+        "pruning": None
+        if prune is None
+        else {"keep": prune, "epochs": prune_epochs, "lr_factor": FINE_TUNE_LR_FACTOR},
         "export_tolerance": EXPORT_TOLERANCE,
         "models": {},
     }
@@ -171,10 +291,25 @@ def compress_run(
         progress(f"{name}: quantizing to int8 on {len(calib_x)} training images")
         int8_path = onnxform.form_path(run_dir, name, "int8")
         int8_meta = onnxform.quantize_int8(fp32_path, int8_path, calib_x)
-        sessions = {
-            "onnx-fp32": onnxform.session(fp32_path),
-            "onnx-int8": onnxform.session(int8_path),
+        files = {"onnx-fp32": fp32_path, "onnx-int8": int8_path}
+        sizes = {
+            "torch-fp32": int(meta["weights_bytes"]),
+            "onnx-fp32": int(fp32_meta["bytes"]),
+            "onnx-int8": int(int8_meta["bytes"]),
         }
+        pruning = None
+        if prune is not None:
+            progress(f"{name}: pruning to {prune:.0%} of the filters, fine-tuning")
+            pruned, pruning = _prune(
+                run_dir, name, model, meta, report, data, pre, prune, prune_epochs, threads
+            )
+            files["pruned-fp32"] = onnxform.form_path(run_dir, name, "pruned-fp32")
+            files["pruned-int8"] = onnxform.form_path(run_dir, name, "pruned-int8")
+            sizes["pruned-fp32"] = int(onnxform.export_fp32(pruned, files["pruned-fp32"])["bytes"])
+            sizes["pruned-int8"] = int(
+                onnxform.quantize_int8(files["pruned-fp32"], files["pruned-int8"], calib_x)["bytes"]
+            )
+        sessions = {form: onnxform.session(path) for form, path in files.items()}
         probs = {"torch-fp32": _torch_probs(model, pre, test_x)}
         for form, sess in sessions.items():
             probs[form] = np.concatenate(
@@ -190,11 +325,6 @@ def compress_run(
         ref_correct = probs["torch-fp32"].argmax(1) == y
         ref_acc = float(ref_correct.mean())
         ref_f1 = macro_f1(y, probs["torch-fp32"].argmax(1), k)
-        sizes = {
-            "torch-fp32": int(meta["weights_bytes"]),
-            "onnx-fp32": int(fp32_meta["bytes"]),
-            "onnx-int8": int(int8_meta["bytes"]),
-        }
         forms: dict[str, Any] = {}
         for form, p in probs.items():
             pred = p.argmax(1)
@@ -210,12 +340,12 @@ def compress_run(
                 "weights_bytes": sizes[form],
                 "file": None
                 if form == "torch-fp32"
-                else Path(fp32_path if form == "onnx-fp32" else int8_path)
-                .relative_to(run_dir)
-                .as_posix(),
+                else Path(files[form]).relative_to(run_dir).as_posix(),
             }
         forms["onnx-fp32"]["largest_probability_difference"] = gap
         study["models"][name] = {"forms": forms}
+        if pruning is not None:
+            study["models"][name]["pruning"] = pruning
 
         def torch_run(a: np.ndarray, model=model, mean=mean, std=std) -> Any:
             with torch.inference_mode():
@@ -263,4 +393,27 @@ def compression_verdict(study: dict[str, Any]) -> str:
             f"baseline's weights bytes and {mm['latency_ms_p50'] / base['latency_ms_p50']:.1f}x "
             f"its latency at batch 1 (in fp32 PyTorch: {torch_ratio:.1f}x)."
         )
+    if study.get("pruning"):
+        keep = study["pruning"]["keep"]
+        parts = []
+        for name, m in models.items():
+            f = m["forms"]["pruned-int8"]
+            p = f["mcnemar_vs_fp32"]["p_value"]
+            parts.append(
+                f"{name} {f['macro_f1_change'] * 100:+.1f} macro F1 points (McNemar p = {p:.2f}), "
+                f"{m['forms']['torch-fp32']['weights_bytes'] / f['weights_bytes']:.1f}x smaller"
+            )
+        text += (
+            f" Pruned to {keep:.0%} of the filters, fine-tuned and in int8, against fp32: "
+            + "; ".join(parts)
+            + "."
+        )
+        base = models.get("baseline", {}).get("forms", {}).get("pruned-int8")
+        mm = models.get("maxmin", {}).get("forms", {}).get("pruned-int8")
+        if base and mm:
+            text += (
+                f" Pruned, MaxMin costs {mm['weights_bytes'] / base['weights_bytes']:.1f}x the "
+                f"baseline's bytes and {mm['latency_ms_p50'] / base['latency_ms_p50']:.1f}x its "
+                "latency."
+            )
     return text

@@ -421,13 +421,19 @@ class Training:
         seed: int,
         cfg: TrainConfig,
         on_epoch: Callable[[int, float, float], None] | None = None,
+        init_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """``init_state``: weights to start from instead of a fresh initialization (a fine-tune,
+        as of a pruned model)."""
         self.arch, self.seed, self.cfg, self.on_epoch = arch, seed, cfg, on_epoch
         self.device = device = torch.device(cfg.device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         torch.manual_seed(seed)
-        model = create_model(arch, **model_kwargs).to(device)
+        model = create_model(arch, **model_kwargs)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        model = model.to(device)
         if device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
