@@ -85,6 +85,8 @@ def choose_from_answers(
 
 
 ANSWERS_FILE = "operating-answers.json"
+# The key of a pruned network's answers (``compress --prune``) beside its model's own.
+PRUNED_SUFFIX = ".pruned"
 
 
 def answers_of(prob: np.ndarray, y: np.ndarray) -> dict[str, list]:
@@ -122,8 +124,16 @@ def retarget_run(run_dir: Path, target: float, who: str | None = None) -> dict[s
     good_name = (report.get("metric") or {}).get("good_class")
     good = classes.index(good_name) if good_name in classes else None
     points = {}
+    pruned = {
+        name: section["pruning"]
+        for name, section in ((report.get("compression") or {}).get("models") or {}).items()
+        if section.get("pruning")
+    }
     for name, kept in answers.items():
-        if name not in report["models"]:
+        base = name.removesuffix(PRUNED_SUFFIX)
+        if name.endswith(PRUNED_SUFFIX) and base not in pruned:
+            continue  # a study since run without --prune: no pruned form to serve
+        if not name.endswith(PRUNED_SUFFIX) and name not in report["models"]:
             continue
         val = kept["validation"]
         point = choose_from_answers(val["confidence"], val["predicted"], val["truth"], target, good)
@@ -135,7 +145,11 @@ def retarget_run(run_dir: Path, target: float, who: str | None = None) -> dict[s
         point["seed"] = kept.get("seed")
         point["set_by"] = who
         point["set_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        report["models"][name]["operating_point"] = point
+        if name.endswith(PRUNED_SUFFIX):
+            point.pop("curve")
+            pruned[base]["operating_point"] = point
+        else:
+            report["models"][name]["operating_point"] = point
         points[name] = point
     tmp = report_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2))

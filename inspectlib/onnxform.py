@@ -27,7 +27,9 @@ from torch import nn
 
 from inspectlib.checkpoint import load_checkpoint, preprocess_of, read_meta
 
-FORMS = ("fp32", "int8")
+# The pruned forms (``compress --prune``) are a smaller network fine-tuned from the deployed one;
+# their sidecars name the deployed checkpoint as their source, so a new training invalidates them.
+FORMS = ("fp32", "int8", "pruned-fp32", "pruned-int8")
 RUNTIMES = ("torch", "onnxruntime")
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -86,8 +88,12 @@ def _write_meta(path: Path, meta: dict[str, Any], form: str, extra: dict[str, An
     return full
 
 
-def export_fp32(checkpoint: Path, out: Path) -> dict[str, Any]:
-    """Export a checkpoint to ONNX (one file, dynamic batch); returns the sidecar metadata."""
+def export_fp32(
+    checkpoint: Path, out: Path, form: str = "fp32", derived_from: str | None = None
+) -> dict[str, Any]:
+    """Export a checkpoint to ONNX (one file, dynamic batch); returns the sidecar metadata.
+    ``derived_from``: the sha256 of the deployed weights the checkpoint was made from (a pruned
+    network's), recorded as the form's source in place of the checkpoint's own."""
     model, meta = load_checkpoint(checkpoint, device="cpu")
     pre = preprocess_of(meta)
     mean, std = pre.tensors("cpu")
@@ -109,10 +115,16 @@ def export_fp32(checkpoint: Path, out: Path) -> dict[str, Any]:
             external_data=False,
             verbose=False,
         )
-    return _write_meta(out, meta, "fp32", {"source": Path(checkpoint).name})
+    extra: dict[str, Any] = {"source": Path(checkpoint).name}
+    if derived_from is not None:
+        extra["checkpoint_sha256"] = meta["weights_sha256"]
+        meta = {**meta, "weights_sha256": derived_from}
+    return _write_meta(out, meta, form, extra)
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, batch: int = 32) -> dict:
+def quantize_int8(
+    fp32: Path, out: Path, calibration: np.ndarray, batch: int = 32, form: str = "int8"
+) -> dict:
     """Static int8 quantization of an fp32 export, calibrated on ``calibration`` (uint8 arrays
     from the training split, never the test split)."""
     from onnxruntime.quantization import (
@@ -168,7 +180,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, batch: int = 3
     return _write_meta(
         out,
         source,
-        "int8",
+        form,
         {
             "source": Path(fp32).name,
             "quantization": {
@@ -189,7 +201,10 @@ def read_form(path: Path, checkpoint: Path | None = None) -> dict[str, Any]:
     path = Path(path)
     meta_file = path.with_suffix(".json")
     if not path.is_file() or not meta_file.is_file():
-        raise FormError(f"{path} not found: run `maxmin-inspect compress {path.parent.parent}`")
+        how = " --prune 0.5" if ".pruned-" in path.name else ""
+        raise FormError(
+            f"{path} not found: run `maxmin-inspect compress {path.parent.parent}{how}`"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except ValueError as exc:

@@ -179,7 +179,18 @@ def test_triton_export_without_forms(trained_run: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "maxmin-inspect compress" in r.stderr
 
 
-def test_pruned_forms_in_the_study(trained_run: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def pruned_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the trained run, compressed from the command line with --prune."""
+    run = tmp_path_factory.mktemp("pruned") / "run"
+    shutil.copytree(trained_run, run)
+    r = _cli("compress", str(run), "--rounds", "1", "--prune", "0.5", "--prune-epochs", "2")
+    assert r.returncode == 0, r.stderr
+    assert "pruned-int8" in r.stdout
+    return run
+
+
+def test_pruned_forms_in_the_study(pruned_run: Path, trained_run: Path) -> None:
     """With --prune: each model slimmed to half its filters, fine-tuned, exported and quantized;
     the pruned network loads from its own checkpoint and its ONNX form answers as it does."""
     import torch
@@ -187,11 +198,7 @@ def test_pruned_forms_in_the_study(trained_run: Path, tmp_path: Path) -> None:
     from inspectlib.checkpoint import load_checkpoint
     from training.compress import compress_run
 
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    r = _cli("compress", str(run), "--rounds", "1", "--prune", "0.5", "--prune-epochs", "2")
-    assert r.returncode == 0, r.stderr
-    assert "pruned-int8" in r.stdout
+    run = pruned_run
     study = json.loads((run / "report.json").read_text())["compression"]
     assert study["forms"][-2:] == ["pruned-fp32", "pruned-int8"]
     assert study["pruning"]["keep"] == 0.5
@@ -213,11 +220,73 @@ def test_pruned_forms_in_the_study(trained_run: Path, tmp_path: Path) -> None:
         with torch.no_grad():
             want = torch.softmax(model((torch.from_numpy(x).float() / 255 - mean) / std), 1)
         np.testing.assert_allclose(onnxform.run(sess, x), want.numpy(), atol=1e-4)
+        point = pruning["operating_point"]
+        assert 0 <= point["threshold"] <= 1.01 and point["target"] is not None
     assert "Pruned to 50% of the filters" in study["verdict"]
     html = (run / "report.html").read_text()
     assert "pruned-int8" in html and 'id="pruning"' in html and "32/32/64 → 16/16/32" in html
     with pytest.raises(ValueError, match="above 0 and below 1"):
         compress_run(run, prune=1.5)
+
+
+@pytest.mark.parametrize("model_process", [True, False])
+def test_service_serves_the_pruned_network(
+    pruned_run: Path, service_client, model_process: bool
+) -> None:
+    """MAXMIN_MODEL_FORM=pruned-int8: the answers come from the pruned file, and the decisions use
+    the pruned network's own thresholds, not the deployed model's."""
+    study = json.loads((pruned_run / "report.json").read_text())["compression"]
+    served = Classifier(pruned_run, NAMES, "cpu", runtime="onnxruntime", form="pruned-int8")
+    assert served.thresholds == {
+        n: study["models"][n]["pruning"]["operating_point"]["threshold"] for n in NAMES
+    }
+    with service_client(
+        pruned_run, runtime="onnxruntime", model_form="pruned-int8", model_process=model_process
+    ) as client:
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "ok" and ready["form"] == "onnxruntime pruned-int8"
+        r = client.post("/predict", content=png_bytes(3), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        results = r.json()["data"][0]["results"]
+        for name in NAMES:
+            assert results[name]["model_version"].startswith(f"{name}.pruned-int8.onnx:")
+
+
+def test_a_new_target_reaches_the_pruned_thresholds(pruned_run: Path, tmp_path: Path) -> None:
+    from inspectlib.decision import retarget_run
+
+    run = tmp_path / "run"
+    shutil.copytree(pruned_run, run)
+    served = Classifier(run, NAMES, "cpu", runtime="onnxruntime", form="pruned-fp32")
+    answers = json.loads((run / "operating-answers.json").read_text())
+    points = retarget_run(run, 0.0, "test")
+    assert {"baseline.pruned", "maxmin.pruned"} <= set(points)
+    study = json.loads((run / "report.json").read_text())["compression"]
+    for name in NAMES:
+        point = study["models"][name]["pruning"]["operating_point"]
+        assert point["target"] == 0.0 and point["set_by"] == "test"
+        # at a zero error target, no wrongly answered validation part may be accepted
+        val = answers[f"{name}.pruned"]["validation"]
+        wrong = [
+            c
+            for c, p, t in zip(val["confidence"], val["predicted"], val["truth"], strict=True)
+            if p != t
+        ]
+        assert all(c < point["threshold"] for c in wrong)
+    assert served.refresh_thresholds()
+    assert served.thresholds == {
+        n: study["models"][n]["pruning"]["operating_point"]["threshold"] for n in NAMES
+    }
+
+
+def test_pruned_form_without_its_study_is_refused(pruned_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(pruned_run, run)
+    report = json.loads((run / "report.json").read_text())
+    report["compression"]["models"]["maxmin"].pop("pruning")
+    (run / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ModelsUnavailable, match="--prune"):
+        Classifier(run, NAMES, "cpu", runtime="onnxruntime", form="pruned-int8")
 
 
 def read_meta_sha(run: Path, name: str) -> str:

@@ -270,7 +270,12 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     )
     x.add_argument("run_dir", type=Path, help="a run directory, compressed")
     x.add_argument("--triton", type=Path, required=True, metavar="OUT", help="repository folder")
-    x.add_argument("--form", choices=("fp32", "int8"), default="fp32", help="default: fp32")
+    x.add_argument(
+        "--form",
+        choices=("fp32", "int8", "pruned-fp32", "pruned-int8"),
+        default="fp32",
+        help="default: fp32",
+    )
 
     d = sub.add_parser(
         "demo-data",

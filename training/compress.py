@@ -41,6 +41,13 @@ import torch
 
 from inspectlib import onnxform
 from inspectlib.checkpoint import load_checkpoint, preprocess_of, read_meta, save_checkpoint
+from inspectlib.decision import (
+    ANSWERS_FILE,
+    PRUNED_SUFFIX,
+    answers_of,
+    choose_operating_point,
+    rates_at,
+)
 from inspectlib.imaging import ImageError
 from inspectlib.preprocess import Preprocess
 from inspectlib.stats import mcnemar
@@ -193,6 +200,28 @@ def _prune(
         torch.set_num_threads(1)
     if tuned.diverged:
         raise CompressError(f"{name}: the pruned network's fine-tune failed: {tuned.diverged}")
+    # The smaller network answers with other confidences: its own threshold, chosen on the
+    # validation split for the deployed model's target, as the trainer chose that one's.
+    point = None
+    deployed_point = report["models"][name].get("operating_point") or {}
+    good_name = report.get("metric", {}).get("good_class")
+    classes = meta["classes"]
+    good = classes.index(good_name) if good_name in classes else None
+    val_y = data["val"][1].numpy()
+    if deployed_point.get("target") is not None and tuned.val_prob is not None:
+        point = choose_operating_point(tuned.val_prob, val_y, deployed_point["target"], good)
+        point["test"] = rates_at(tuned.test_prob, y_test, point["threshold"], good)
+        point.pop("curve")
+        answers_file = run_dir / ANSWERS_FILE
+        answers = json.loads(answers_file.read_text()) if answers_file.is_file() else {}
+        answers[name + PRUNED_SUFFIX] = {
+            "validation": answers_of(tuned.val_prob, val_y),
+            "test": answers_of(tuned.test_prob, y_test),
+            "seed": int(meta.get("seed", 0)),
+        }
+        tmp = answers_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(answers))
+        tmp.replace(answers_file)
     path = run_dir / onnxform.FOLDER / f"{name}.pruned"
     base = {k2: v for k2, v in meta.items() if not k2.startswith(("weights_", "format_"))}
     info = {
@@ -213,6 +242,7 @@ def _prune(
             "seconds": round(tuned.train_seconds, 3),
             "test_macro_f1_before": before,
         },
+        "operating_point": point,
     }
     save_checkpoint(
         tuned.state_dict,
@@ -305,10 +335,13 @@ def compress_run(
             )
             files["pruned-fp32"] = onnxform.form_path(run_dir, name, "pruned-fp32")
             files["pruned-int8"] = onnxform.form_path(run_dir, name, "pruned-int8")
-            sizes["pruned-fp32"] = int(onnxform.export_fp32(pruned, files["pruned-fp32"])["bytes"])
-            sizes["pruned-int8"] = int(
-                onnxform.quantize_int8(files["pruned-fp32"], files["pruned-int8"], calib_x)["bytes"]
+            exported = onnxform.export_fp32(
+                pruned, files["pruned-fp32"], "pruned-fp32", derived_from=meta["weights_sha256"]
             )
+            quantized = onnxform.quantize_int8(
+                files["pruned-fp32"], files["pruned-int8"], calib_x, form="pruned-int8"
+            )
+            sizes["pruned-fp32"], sizes["pruned-int8"] = exported["bytes"], quantized["bytes"]
         sessions = {form: onnxform.session(path) for form, path in files.items()}
         probs = {"torch-fp32": _torch_probs(model, pre, test_x)}
         for form, sess in sessions.items():

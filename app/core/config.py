@@ -29,9 +29,10 @@ class Settings(BaseSettings):
     ab_models: list[str] = ["baseline", "maxmin"]  # the models each image is classified by
     device: str = "auto"  # auto: CUDA when present, the CPU otherwise
     # What runs the models: PyTorch on the checkpoints, or ONNX Runtime on the forms that
-    # `maxmin-inspect compress` wrote (fp32, or int8 quantized); onnxruntime runs on the CPU.
+    # `maxmin-inspect compress` wrote (fp32, int8 quantized, or the network pruned by
+    # `compress --prune` in either); onnxruntime runs on the CPU.
     runtime: Literal["torch", "onnxruntime"] = "torch"
-    model_form: Literal["fp32", "int8"] = "fp32"
+    model_form: Literal["fp32", "int8", "pruned-fp32", "pruned-int8"] = "fp32"
     # An Open Inference Protocol server (Triton, KServe, MLServer) that serves the repository
     # `maxmin-inspect export RUN --triton` wrote from the served run: the workers send it their
     # batches instead of running the models (app/core/remote.py). MAXMIN_MODEL_FORM names the

@@ -63,7 +63,10 @@ FORMAT_TYPES = {
 }
 
 
-SERVABLE = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
+SERVABLE = (
+    ("torch", "fp32"),
+    *(("onnxruntime", form) for form in ("fp32", "int8", "pruned-fp32", "pruned-int8")),
+)
 
 
 class ServedRun:
@@ -116,16 +119,27 @@ class ServedRun:
         self.preprocess: Preprocess = preprocess_of(first)
         self._report_file = report_file
         self._report_mtime = report_file.stat().st_mtime_ns
-        self.thresholds = self._thresholds(report, names)
+        if form.startswith("pruned"):
+            studied = (report.get("compression") or {}).get("models") or {}
+            for name in names:
+                if not (studied.get(name, {}).get("pruning") or {}).get("operating_point"):
+                    raise ModelsUnavailable(
+                        f"{report_file} holds no operating point for {name}'s pruned form: run "
+                        f"`maxmin-inspect compress {self.run_dir} --prune 0.5` again"
+                    )
+        self.thresholds = self._thresholds(report, names, self.form)
         self.good_class: str | None = (report.get("metric") or {}).get("good_class")
         self.run_name = self.run_dir.name
         self.batcher = None  # the micro-batcher feeding these models, set by the service
 
     @staticmethod
-    def _thresholds(report: dict, names: list[str]) -> dict[str, float | None]:
+    def _thresholds(report: dict, names: list[str], form: str = "fp32") -> dict[str, float | None]:
         """The operating point (inspectlib.decision): each model's confidence threshold, chosen
         at training time or set again since; runs trained before it have none, and then only
         disagreement goes to review."""
+        if form.startswith("pruned"):  # the pruned network's own threshold (training/compress.py)
+            studied = report["compression"]["models"]
+            return {n: studied[n]["pruning"]["operating_point"]["threshold"] for n in names}
         return {
             name: (report["models"][name].get("operating_point") or {}).get("threshold")
             for name in names
@@ -139,8 +153,8 @@ class ServedRun:
             if mtime == self._report_mtime:
                 return False
             report = json.loads(self._report_file.read_text())
-            thresholds = self._thresholds(report, list(self.models))
-        except (OSError, ValueError, KeyError):
+            thresholds = self._thresholds(report, list(self.models), self.form)
+        except (OSError, ValueError, KeyError, TypeError):
             return False  # being rewritten or gone: keep the thresholds in use
         self._report_mtime = mtime
         self.thresholds = thresholds  # one assignment: a request sees the old or the new ones
