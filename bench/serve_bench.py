@@ -125,7 +125,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
     (``service-serial-models``), or with a challenger run (a copy of the served one, so the same
     compute) classifying every image in shadow (``service-shadow``), or running the run's ONNX
     forms in ONNX Runtime (``service-onnx-fp32``, ``service-onnx-int8``: `maxmin-inspect compress`
-    first)."""
+    first; ``service-onnx-pruned-int8``: `compress --prune` first)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _port()
         svc_env = {
@@ -143,7 +143,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
         svc_env.pop("MAXMIN_MODEL_FORM", None)
         if side.startswith("service-onnx-"):
             svc_env["MAXMIN_RUNTIME"] = "onnxruntime"
-            svc_env["MAXMIN_MODEL_FORM"] = side.rsplit("-", 1)[1]
+            svc_env["MAXMIN_MODEL_FORM"] = side.removeprefix("service-onnx-")
         if side in ("service-shared", "service-per-worker"):
             svc_env["MAXMIN_SHARED_MODELS"] = "true" if side == "service-shared" else "false"
         if side in ("service-writer-process", "service-writer-thread"):
@@ -187,6 +187,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             "service-shadow": "ours-sh",
             "service-onnx-fp32": "ours-o32",
             "service-onnx-int8": "ours-o8",
+            "service-onnx-pruned-int8": "ours-p8",
         }[side]
         return _measure(name, serve, svc_env, port, args, "/readyz", load_env)
 
@@ -223,6 +224,7 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
         "service-shadow",
         "service-onnx-fp32",
         "service-onnx-int8",
+        "service-onnx-pruned-int8",
     ):
         if side in args.sides:
             sides[side] = _measure_service(side, args, env)
@@ -272,7 +274,7 @@ def main() -> None:
         "each worker), service-file-sync (a sync per new image file, MAXMIN_IMAGE_SYNC=file), "
         "service-serial-models (the A/B models one after the other, MAXMIN_PARALLEL_MODELS=false), "
         "service-shadow (a challenger classifying every image in shadow), service-onnx-fp32 and "
-        "service-onnx-int8 (the run's ONNX forms in ONNX Runtime)",
+        "service-onnx-int8, service-onnx-pruned-int8 (the run's ONNX forms in ONNX Runtime)",
     )
     args = parser.parse_args()
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -304,6 +306,8 @@ def main() -> None:
         "onnx_int8_over_service": ("service-onnx-int8", "service"),
         "onnx_fp32_over_service": ("service-onnx-fp32", "service"),
         "onnx_int8_over_plain": ("service-onnx-int8", "plain"),
+        "pruned_int8_over_service": ("service-onnx-pruned-int8", "service"),
+        "pruned_int8_over_onnx_fp32": ("service-onnx-pruned-int8", "service-onnx-fp32"),
     }.items():
         if a in summary and b in summary:
             summary[name] = {

@@ -225,7 +225,7 @@ def test_pruned_forms_in_the_study(pruned_run: Path, trained_run: Path) -> None:
     assert "Pruned to 50% of the filters" in study["verdict"]
     html = (run / "report.html").read_text()
     assert "pruned-int8" in html and 'id="pruning"' in html and "32/32/64 → 16/16/32" in html
-    with pytest.raises(ValueError, match="above 0 and below 1"):
+    with pytest.raises(ValueError, match="above 0 and at most 1"):
         compress_run(run, prune=1.5)
 
 

@@ -251,7 +251,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         default=None,
         metavar="KEEP",
         help="also prune whole filters, keeping this fraction of each convolution's (e.g. 0.5), "
-        "fine-tune, and add the pruned network in fp32 and int8 to the study",
+        "fine-tune, and add the pruned network in fp32 and int8 to the study (1: fine-tune only)",
     )
     c.add_argument(
         "--prune-epochs",

@@ -262,10 +262,11 @@ def compress_run(
 ) -> dict[str, Any]:
     """Run the study on ``run_dir``; writes the forms under ``RUN/compressed/``, the study into
     report.json and the report page, and returns the study. ``prune``: the fraction of each
-    convolution's filters to keep in the pruned forms (none without it)."""
-    if prune is not None and not 0.0 < prune < 1.0:
+    convolution's filters to keep in the pruned forms (none without it); 1 fine-tunes without
+    pruning, the control for what the extra epochs alone do."""
+    if prune is not None and not 0.0 < prune <= 1.0:
         raise CompressError(
-            f"--prune keeps a fraction of the filters, above 0 and below 1: {prune}"
+            f"--prune keeps a fraction of the filters, above 0 and at most 1: {prune}"
         )
     run_dir = Path(run_dir)
     report_file = run_dir / "report.json"
