@@ -44,6 +44,9 @@ def main() -> None:
             default, augment=(), optimizer="adamw", lr=3e-4
         ),
         "AdamW at 1e-3 on the trainer's defaults": replace(default, optimizer="adamw", lr=1e-3),
+        "AdamW at 1e-3 on the trainer's defaults, no augmentation": replace(
+            default, optimizer="adamw", lr=1e-3, augment=()
+        ),
         "+ the trainer's class weights": replace(plain, class_weighting=default.class_weighting),
         "+ the trainer's batch size": replace(plain, batch_size=default.batch_size),
         "+ AdamW at 3e-4 (a recipe the search can choose)": replace(
