@@ -84,7 +84,10 @@ def test_a_job_trains_and_registers_its_report(client: TestClient) -> None:
     assert r.status_code == 202, r.text
     job = r.json()
     # The service runs PyTorch here, so the job writes no ONNX forms.
-    assert job["state"] == "running" and job["options"] == SMALL | {"compress": False}
+    assert job["state"] == "running" and job["options"] == SMALL | {
+        "compress": False,
+        "prune": None,
+    }
     again = client.post("/training/jobs", json={"dataset": "parts", **SMALL})
     assert again.status_code == 409
     assert f"job {job['id']} is still running" in again.json()["detail"]
@@ -264,3 +267,38 @@ def test_a_job_trains_on_inspected_parts_and_tests_on_parts_never_trained_on(
         }
         assert client.post(f"/training/jobs/{second['id']}/cancel").status_code == 200
         assert wait_until_ended(client, second["id"])["state"] == "cancelled"
+
+
+def test_a_service_serving_pruned_forms_trains_runs_it_can_serve(
+    trained_run: Path,
+    datasets: Path,
+    tmp_path: Path,
+    service_client,  # noqa: ANN001
+) -> None:
+    """With MAXMIN_MODEL_FORM=pruned-int8, a job prunes its run as the served run was pruned, so
+    the new run has the forms (and their operating points) the service needs."""
+    import shutil
+
+    from app.core.inference import Classifier
+    from training.compress import compress_run
+
+    served = tmp_path / "served"
+    shutil.copytree(trained_run, served)
+    compress_run(served, rounds=1, prune=0.75, prune_epochs=1)
+    options = {
+        "runs_dir": tmp_path / "runs",
+        "datasets_dir": datasets,
+        "runtime": "onnxruntime",
+        "model_form": "pruned-int8",
+    }
+    with service_client(served, **options) as client:
+        r = client.post("/training/jobs", json={"dataset": "parts", **SMALL})
+        assert r.status_code == 202, r.text
+        assert r.json()["options"]["prune"] == 0.75
+        job = wait_until_ended(client, r.json()["id"], timeout=400)
+    assert job["state"] == "done", job
+    run = Path(job["run_dir"])
+    study = json.loads((run / "report.json").read_text())["compression"]
+    assert study["pruning"]["keep"] == 0.75
+    new = Classifier(run, ["baseline", "maxmin"], "cpu", runtime="onnxruntime", form="pruned-int8")
+    assert all(t is not None for t in new.thresholds.values())

@@ -192,6 +192,14 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
         help="after training, run the compression study (as 'maxmin-inspect compress')",
     )
     t.add_argument(
+        "--prune",
+        type=float,
+        default=None,
+        metavar="KEEP",
+        help="with the compression study, also the pruned forms (as 'compress --prune'); "
+        "implies --compress",
+    )
+    t.add_argument(
         "--status-file",
         type=Path,
         default=None,
@@ -405,8 +413,8 @@ def _train_run(args: argparse.Namespace, status) -> Path:  # noqa: ANN001
             f"params {m['params']:>9,}  {recipe.get('optimizer', '')} lr {recipe.get('lr', '')}"
             + ("" if recipe.get("augment", True) else ", no augmentation")
         )
-    if args.compress:
-        _print_study(_study(run_dir, 256, quiet=args.quiet))
+    if args.compress or args.prune is not None:
+        _print_study(_study(run_dir, 256, quiet=args.quiet, prune=args.prune))
     if getattr(args, "after_train", None) is not None:
         args.after_train(args, run_dir)
     print(f"\nReport: {run_dir / 'report.html'}")

@@ -68,6 +68,8 @@ class TrainingOptions:
     seeds: int
     size: int
     compress: bool = False  # also write the ONNX forms, for a service that runs them
+    # also the pruned forms, keeping this fraction of the filters, for a service that runs those
+    prune: float | None = None
 
 
 def list_datasets(root: Path) -> list[dict[str, Any]]:
@@ -294,6 +296,8 @@ def _launch(folder: Path, run_dir: Path, device: str, options: TrainingOptions) 
     ]
     if options.compress:
         cmd.append("--compress")
+    if options.prune is not None:
+        cmd += ["--prune", str(options.prune)]
     with open(run_dir / LOG_FILE, "wb") as out:
         return subprocess.Popen(
             cmd,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, HTTPException, Request
 from sqlalchemy import select
 
 from app.api.deps import AdminDep, RowId, SessionDep, SettingsDep
 from app.core import training_jobs as jobs
+from app.core.inference import ServedRun
 from app.crud.errors import as_utc
 from app.schemas import (
     DatasetsPublic,
@@ -65,9 +68,18 @@ def start_job(
             422, detail=f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}"
         )
     models = list(dict.fromkeys(body.models))
-    # A service that runs the ONNX forms can serve only runs that have them.
+    # A service that runs the ONNX forms can serve only runs that have them; one that runs the
+    # pruned forms, only runs pruned as its own run was.
+    prune = None
+    if settings.model_form.startswith("pruned"):
+        prune = _served_keep(request.app.state.models.classifier)
     options = jobs.TrainingOptions(
-        models, body.epochs, body.seeds, body.size, compress=settings.runtime == "onnxruntime"
+        models,
+        body.epochs,
+        body.seeds,
+        body.size,
+        compress=settings.runtime == "onnxruntime",
+        prune=prune,
     )
     try:
         job = jobs.start(
@@ -85,6 +97,20 @@ def start_job(
     except jobs.TrainingRefused as exc:
         raise HTTPException(exc.status, detail=str(exc)) from None
     return to_public(job)
+
+
+DEFAULT_KEEP = 0.5  # the documented example, when the served run says nothing
+
+
+def _served_keep(served: ServedRun | None) -> float:
+    """The fraction of filters the served run's pruned forms keep, read from its report."""
+    if served is None:
+        return DEFAULT_KEEP
+    try:
+        report = json.loads((served.run_dir / "report.json").read_text())
+        return float(report["compression"]["pruning"]["keep"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_KEEP
 
 
 @router.get("/jobs", response_model=TrainingJobsPublic)
