@@ -51,6 +51,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def keep_fraction(text: str) -> float:
+    """A share of something kept: above 0, at most 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {value}")
+    return value
+
+
 def run_command(
     prog: str,
     handler: Callable[[argparse.Namespace], int],

@@ -88,20 +88,26 @@ def test_int8_needs_onnxruntime() -> None:
 
 
 @pytest.mark.parametrize("model_process", [True, False])
-def test_service_serves_int8(compressed_run: Path, service_client, model_process: bool) -> None:
+@pytest.mark.parametrize("form", ["int8", "pruned-int8"])
+def test_service_serves_a_compressed_form(
+    request: pytest.FixtureRequest, service_client, model_process: bool, form: str
+) -> None:
+    """MAXMIN_MODEL_FORM=int8, or pruned-int8 (after ``compress --prune``): the answers come from
+    that file, and the dashboard names the form."""
+    run = request.getfixturevalue("compressed_run" if form == "int8" else "pruned_run")
     with service_client(
-        compressed_run, runtime="onnxruntime", model_form="int8", model_process=model_process
+        run, runtime="onnxruntime", model_form=form, model_process=model_process
     ) as client:
         ready = client.get("/readyz").json()
-        assert ready["status"] == "ok" and ready["form"] == "onnxruntime int8"
+        assert ready["status"] == "ok" and ready["form"] == f"onnxruntime {form}"
         r = client.post("/predict", content=png_bytes(3), headers={"Content-Type": "image/png"})
         assert r.status_code == 200, r.text
         results = r.json()["data"][0]["results"]
         for name in NAMES:
-            assert results[name]["model_version"].startswith(f"{name}.int8.onnx:")
+            assert results[name]["model_version"].startswith(f"{name}.{form}.onnx:")
             assert abs(sum(results[name]["probabilities"].values()) - 1) < 1e-3
         page = client.get("/dashboard")
-        assert page.status_code == 200 and "onnxruntime int8" in page.text
+        assert page.status_code == 200 and f"onnxruntime {form}" in page.text
 
 
 def test_service_without_forms_says_what_to_run(trained_run: Path, service_client) -> None:
@@ -229,27 +235,13 @@ def test_pruned_forms_in_the_study(pruned_run: Path, trained_run: Path) -> None:
         compress_run(run, prune=1.5)
 
 
-@pytest.mark.parametrize("model_process", [True, False])
-def test_service_serves_the_pruned_network(
-    pruned_run: Path, service_client, model_process: bool
-) -> None:
-    """MAXMIN_MODEL_FORM=pruned-int8: the answers come from the pruned file, and the decisions use
-    the pruned network's own thresholds, not the deployed model's."""
+def test_the_pruned_form_decides_with_its_own_thresholds(pruned_run: Path) -> None:
+    """The pruned network's thresholds, chosen on validation for it, not the deployed model's."""
     study = json.loads((pruned_run / "report.json").read_text())["compression"]
     served = Classifier(pruned_run, NAMES, "cpu", runtime="onnxruntime", form="pruned-int8")
     assert served.thresholds == {
         n: study["models"][n]["pruning"]["operating_point"]["threshold"] for n in NAMES
     }
-    with service_client(
-        pruned_run, runtime="onnxruntime", model_form="pruned-int8", model_process=model_process
-    ) as client:
-        ready = client.get("/readyz").json()
-        assert ready["status"] == "ok" and ready["form"] == "onnxruntime pruned-int8"
-        r = client.post("/predict", content=png_bytes(3), headers={"Content-Type": "image/png"})
-        assert r.status_code == 200, r.text
-        results = r.json()["data"][0]["results"]
-        for name in NAMES:
-            assert results[name]["model_version"].startswith(f"{name}.pruned-int8.onnx:")
 
 
 def test_a_new_target_reaches_the_pruned_thresholds(pruned_run: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from inspectlib import defaults
-from inspectlib.commands import bounded_int, fraction, positive_int, run_command
+from inspectlib.commands import bounded_int, fraction, keep_fraction, positive_int, run_command
 
 DEFAULT_MODELS = ",".join(defaults.MODELS)
 Command = Callable[[argparse.Namespace], int]
@@ -193,7 +193,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     )
     t.add_argument(
         "--prune",
-        type=float,
+        type=keep_fraction,
         default=None,
         metavar="KEEP",
         help="with the compression study, also the pruned forms (as 'compress --prune'); "
@@ -255,7 +255,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     )
     c.add_argument(
         "--prune",
-        type=float,
+        type=keep_fraction,
         default=None,
         metavar="KEEP",
         help="also prune whole filters, keeping this fraction of each convolution's (e.g. 0.5), "

@@ -53,6 +53,7 @@ from inspectlib.preprocess import Preprocess
 from inspectlib.stats import mcnemar
 from models.slim import slim
 from training.engine import TrainConfig, Training, macro_f1
+from training.measure import count_params
 from training.report import read_report, rerender
 
 EXPORT_TOLERANCE = 1e-4  # largest |p_onnx - p_torch| accepted for the fp32 export
@@ -176,10 +177,7 @@ def _prune(
     mean, std = pre.tensors("cpu")
     y_test = data["test"][1].numpy()
     k = int(meta["model_kwargs"]["num_classes"])
-    with torch.inference_mode():
-        small.eval()
-        x = (data["test"][0].float() / 255.0 - mean) / std
-        before = macro_f1(y_test, small(x).argmax(1).numpy(), k)
+    before = macro_f1(y_test, _torch_probs(small.eval(), pre, data["test"][0].numpy()).argmax(1), k)
     torch.set_num_threads(threads)
     try:
         tuned = (
@@ -231,8 +229,8 @@ def _prune(
         "importance": "batch-norm scale"
         if meta["model_kwargs"].get("norm") == "batch"
         else "L1 norm of the filter",
-        "params_before": sum(p.numel() for p in model.parameters()),
-        "params": sum(p.numel() for p in small.parameters()),
+        "params_before": count_params(model),
+        "params": count_params(small),
         "fine_tune": {
             "epochs": epochs,
             "optimizer": cfg.optimizer,
@@ -291,8 +289,9 @@ def compress_run(
         data = {"test": (torch.from_numpy(test_x), torch.from_numpy(y))}
         for split in ("train", "val"):
             xs, labels = _split_arrays(run_dir, pre, split, None)
-            if set(labels) - set(classes):
-                raise CompressError(f"split.csv names classes the models do not know: {labels}")
+            unknown = sorted(set(labels) - set(classes))
+            if unknown:
+                raise CompressError(f"split.csv names classes the models do not know: {unknown}")
             data[split] = (
                 torch.from_numpy(xs).contiguous(memory_format=torch.channels_last),
                 torch.tensor([classes.index(c) for c in labels]),

@@ -63,10 +63,7 @@ FORMAT_TYPES = {
 }
 
 
-SERVABLE = (
-    ("torch", "fp32"),
-    *(("onnxruntime", form) for form in ("fp32", "int8", "pruned-fp32", "pruned-int8")),
-)
+SERVABLE = (("torch", "fp32"), *(("onnxruntime", form) for form in onnxform.FORMS))
 
 
 class ServedRun:
@@ -119,15 +116,13 @@ class ServedRun:
         self.preprocess: Preprocess = preprocess_of(first)
         self._report_file = report_file
         self._report_mtime = report_file.stat().st_mtime_ns
-        if form.startswith("pruned"):
-            studied = (report.get("compression") or {}).get("models") or {}
-            for name in names:
-                if not (studied.get(name, {}).get("pruning") or {}).get("operating_point"):
-                    raise ModelsUnavailable(
-                        f"{report_file} holds no operating point for {name}'s pruned form: run "
-                        f"`maxmin-inspect compress {self.run_dir} --prune 0.5` again"
-                    )
-        self.thresholds = self._thresholds(report, names, self.form)
+        try:
+            self.thresholds = self._thresholds(report, names, self.form)
+        except (KeyError, TypeError):  # only a pruned form's come from elsewhere: the study
+            raise ModelsUnavailable(
+                f"{report_file} holds no operating point for the pruned forms: run "
+                f"`maxmin-inspect compress {self.run_dir} --prune 0.5` again"
+            ) from None
         self.good_class: str | None = (report.get("metric") or {}).get("good_class")
         self.run_name = self.run_dir.name
         self.batcher = None  # the micro-batcher feeding these models, set by the service
