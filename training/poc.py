@@ -206,45 +206,64 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
         def train(arch: str, seed: int, tc: TrainConfig, what: str) -> RunResult:
             return advance(start(arch, seed, tc, what)).finish()
 
-        pending: dict[str, tuple[TrainConfig, list[RunResult], RunResult | None]] = {}
+        # The fixed recipe (the grid's first entry) is every model's incumbent. Its first seed
+        # trains for the whole budget, with and without augmentation when that is checked, and
+        # augmentation is decided on those pairs before any other recipe is tried: the search then
+        # compares recipes under the training the seeds will get (_search, docs/training.md).
+        first = seeds[0] if seeds else 0
+        fixed = replace(cfg.train, optimizer=grid[0][0], lr=grid[0][1])
+        settings = {"with": fixed}
+        if check_augment:
+            settings["without"] = replace(fixed, augment=())
+        incumbents: dict[str, dict[str, tuple[RunResult, float, float]]] = {}
         for arch in cfg.models:
-            first = seeds[0] if seeds else 0
-            recipe, won = _search(arch, grid, first, cfg, start, advance, count)
-            recipes[arch] = recipe
-            tc = replace(cfg.train, optimizer=recipe["optimizer"], lr=recipe["lr"])
-            if won is not None and seeds:
-                runs = [won]  # the search's winning full run is the first seed's run
-            else:
-                runs = [train(arch, seed, tc, f"seed {seed}") for seed in seeds[:1]]
-            if check_augment:
+            incumbents[arch] = {}
+            for key, tc in settings.items():
                 t0 = time.perf_counter()
-                bare = replace(tc, augment=())
-                alt = train(arch, seeds[0], bare, f"seed {seeds[0]} without augmentation")
-                check = _augment_check(runs[:1], [alt], val_y, metric, k)
-                check["seconds"] = round(time.perf_counter() - t0, 3)
-                recipe["augment_check"] = check
-                recipe["seconds"] = round(recipe["seconds"] + check["seconds"], 3)
-                pending[arch] = (tc, runs, alt)
-            else:
-                pending[arch] = (tc, runs, None)
+                what = f"seed {first}" + (" without augmentation" if key == "without" else "")
+                run = advance(start(arch, first, tc, what), search_epochs)
+                at_rung = run.best_score()  # its short trial, read off the way
+                done_run = advance(run).finish()
+                incumbents[arch][key] = (done_run, at_rung, time.perf_counter() - t0)
         # Augmentation is decided once, for every model, on all their pairs (_augment_check).
         augmentation = None
         if check_augment:
-            pairs = [(v[1][0], v[2]) for v in pending.values()]
             augmentation = _augment_check(
-                [w for w, _ in pairs], [wo for _, wo in pairs], val_y, metric, k
+                [incumbents[a]["with"][0] for a in cfg.models],
+                [incumbents[a]["without"][0] for a in cfg.models],
+                val_y,
+                metric,
+                k,
             )
+        kept = (
+            "without" if augmentation is not None and augmentation["kept"] == "without" else "with"
+        )
+        base = settings[kept]
         for arch in cfg.models:
-            tc, runs, alt = pending[arch]
-            recipe = recipes[arch]
-            if augmentation is not None and alt is not None:
-                recipe["augment_check"].update(
-                    model_kept=recipe["augment_check"]["kept"],
+            run, at_rung, took = incumbents[arch][kept]
+            recipe, won = _search(
+                arch, grid, first, base, run, at_rung, took, start, advance, count
+            )
+            recipes[arch] = recipe
+            if check_augment:
+                check = _augment_check(
+                    [incumbents[arch]["with"][0]],
+                    [incumbents[arch]["without"][0]],
+                    val_y,
+                    metric,
+                    k,
+                )
+                check["seconds"] = round(incumbents[arch]["without"][2], 3)
+                assert augmentation is not None
+                check.update(
+                    model_kept=check["kept"],
                     kept=augmentation["kept"],
                     reason="decided with every model's pair: " + augmentation["reason"],
                 )
-                if augmentation["kept"] == "without":
-                    tc, runs = replace(tc, augment=()), [alt]
+                recipe["augment_check"] = check
+                recipe["seconds"] = round(recipe["seconds"] + check["seconds"], 3)
+            tc = replace(base, optimizer=recipe["optimizer"], lr=recipe["lr"])
+            runs = [won] if seeds else []  # the search's winning full run is the first seed's
             recipe["augment"] = list(tc.augment)
             runs += [train(arch, seed, tc, f"seed {seed}") for seed in seeds[1:]]
             for attempt in range(1, cfg.max_retries + 1):
@@ -395,33 +414,37 @@ def search_rung(epochs: int) -> int:
 
 
 def search_cost(grid: tuple[tuple[str, float], ...], epochs: int) -> int:
-    """Epochs the search trains beyond the first seed's own run, with every run to its end."""
+    """Epochs the search trains beyond the first seed's own run, with every run to its end: the
+    short trial of each entry after the first, and the best of them carried on to the end."""
     if len(grid) < 2:
         return 0
-    finalists = len({optimizer for optimizer, _ in grid})
     rung = search_rung(epochs)
-    return len(grid) * rung + finalists * (epochs - rung) - epochs
+    return (len(grid) - 1) * rung + (epochs - rung)
 
 
 def _search(
     arch: str,
     grid: tuple[tuple[str, float], ...],
     seed: int,
-    cfg: PocConfig,
+    base: TrainConfig,
+    incumbent: RunResult,
+    incumbent_at_rung: float,
+    incumbent_seconds: float,
     start: Callable[[str, int, TrainConfig, str], Training],
     advance: Callable[[Training, int | None], Training],
     count: Callable[[int], None],
-) -> tuple[dict[str, Any], RunResult | None]:
-    """The recipe for ``arch``, and the search's winning run when there was a search.
+) -> tuple[dict[str, Any], RunResult]:
+    """The recipe for ``arch`` and its winning run, the first seed's run.
 
-    Successive halving in two rungs, on the model's first seed. Every grid entry trains for the
-    first third of the full schedule and is scored on the validation split; the best entry of each
-    optimizer then trains on to the end of the same schedule, and the finalist whose run scores
-    best on validation wins (ties go to the earlier grid entry). Optimizers can change places
-    between a third of the budget and the whole of it, so the choice between them is made on full
-    runs; the short trials only choose each optimizer's learning rate. The winner's run is the
-    first seed's run: it is the run the default recipe would have trained, chosen on validation
-    only, so the test split stays untouched."""
+    ``incumbent`` is the first seed's full run of the grid's first entry, the fixed recipe, under
+    ``base`` (augmentation already decided); it took ``incumbent_seconds``, and
+    ``incumbent_at_rung`` is its best validation score a third of the way through. Every other
+    entry trains for that first third and is scored on the validation split; the best of them
+    (ties go to the earlier entry) trains on to the end, and the better of the two full runs on
+    validation wins (a tie keeps the fixed recipe). Recipes can change places between a third of
+    the budget and the whole of it, so the final choice is made on full runs; the short trials
+    only choose the challenger. Only the validation split is seen; the test split is untouched."""
+    full = 0.0 if incumbent.diverged else max(incumbent.val_metric, default=0.0)
     if len(grid) == 1:
         optimizer, lr = grid[0]
         return {
@@ -431,36 +454,37 @@ def _search(
             "trials": [],
             "finals": [],
             "seconds": 0.0,
-        }, None
+        }, incumbent
     t0 = time.perf_counter()
-    rung = search_rung(cfg.train.epochs)
+    rung = search_rung(base.epochs)
     runs = []
-    for optimizer, lr in grid:
-        tc = replace(cfg.train, optimizer=optimizer, lr=lr)
+    for optimizer, lr in grid[1:]:
+        tc = replace(base, optimizer=optimizer, lr=lr)
         runs.append(advance(start(arch, seed, tc, f"search {optimizer} lr {lr:g}"), rung))
+    scores = [incumbent_at_rung] + [r.best_score() for r in runs]
     trials = [
-        {"optimizer": o, "lr": lr, "val": round(r.best_score(), 5)}
-        for (o, lr), r in zip(grid, runs, strict=True)
+        {"optimizer": o, "lr": lr, "val": round(v, 5)}
+        for (o, lr), v in zip(grid, scores, strict=True)
     ]
-    order = sorted(range(len(grid)), key=lambda i: (-trials[i]["val"], i))
-    carried: list[int] = []
-    for optimizer in dict.fromkeys(o for o, _ in grid):
-        best = next(i for i in order if grid[i][0] == optimizer)
-        if runs[best].diverged is None:
-            carried.append(best)
-        else:  # the bar counted this optimizer's finalist; a diverged run is not carried on
-            count(cfg.train.epochs - rung)
     finals = []
-    for i in sorted(carried):
-        advance(runs[i], None)
+    if incumbent.diverged is None:
+        finals.append({"optimizer": grid[0][0], "lr": grid[0][1], "val": round(full, 5)})
+    alive = [i for i, r in enumerate(runs) if r.diverged is None]
+    winner, won = 0, incumbent
+    if alive:
+        best = min(alive, key=lambda i: (-scores[i + 1], i))
+        challenger = advance(runs[best], None)
         finals.append(
-            {"optimizer": grid[i][0], "lr": grid[i][1], "val": round(runs[i].best_score(), 5)}
+            {
+                "optimizer": grid[best + 1][0],
+                "lr": grid[best + 1][1],
+                "val": round(challenger.best_score(), 5),
+            }
         )
-    if finals:
-        winner = sorted(carried)[max(range(len(finals)), key=lambda j: (finals[j]["val"], -j))]
-    else:  # every trial diverged: the best of them stands, as it is, and the retries take over
-        winner = order[0]
-    won = runs[winner].finish()
+        if challenger.best_score() > full or incumbent.diverged is not None:
+            winner, won = best + 1, challenger.finish()
+    else:  # the bar counted a challenger's full run; a diverged run is not carried on
+        count(base.epochs - rung)
     return {
         "optimizer": grid[winner][0],
         "lr": grid[winner][1],
@@ -469,7 +493,9 @@ def _search(
         "trials": trials,
         "finals": finals,
         # Time beyond the first seed's own run.
-        "seconds": round(max(0.0, time.perf_counter() - t0 - won.train_seconds), 3),
+        "seconds": round(
+            max(0.0, time.perf_counter() - t0 + incumbent_seconds - won.train_seconds), 3
+        ),
     }, won
 
 
