@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.core.db import upgrade
-    from app.core.observability import configure_logging
+    from app.core.observability import configure_logging, log_config
 
     configure_logging()
     upgrade(settings.db_url)  # the explicit start-up migration; the app itself only checks
@@ -273,6 +273,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             workers=args.workers,
             log_level="info",
+            log_config=log_config(),  # applied in each worker: their JSON access logs
             access_log=False,  # the service logs each request itself, as JSON with its request id
         )
     finally:

@@ -236,14 +236,15 @@ def server(
     port: int,
     workers: int = 1,
     env: dict[str, str] | None = None,
+    log: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """A running `maxmin-inspect serve`; yields an admin key for it. With ``run_dir`` None it
-    serves the registered runs (and follows a change of them)."""
+    serves the registered runs (and follows a change of them). ``log``: a file for its stderr."""
     from app.core.db import upgrade
 
     upgrade(db_url)
     key = make_key(db_url)
-    with _serve(db_url, run_dir, data_dir, port, workers, env) as proc:
+    with _serve(db_url, run_dir, data_dir, port, workers, env, log) as proc:
         yield key, proc
 
 
@@ -255,6 +256,7 @@ def _serve(
     port: int,
     workers: int = 1,
     extra_env: dict[str, str] | None = None,
+    log: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
     env = {
         **os.environ,
@@ -266,6 +268,7 @@ def _serve(
     }
     if run_dir is None:
         env.pop("MAXMIN_RUN_DIR", None)  # not even from the environment the tests run in
+    stderr = log.open("wb") if log is not None else subprocess.DEVNULL
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -280,7 +283,7 @@ def _serve(
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
     )
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", proc, 60 * workers)
@@ -289,6 +292,8 @@ def _serve(
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=20)
+        if log is not None:
+            stderr.close()
 
 
 def predict_across_a_kill(client, pid: int, detail: str) -> httpx.Response:  # noqa: ANN001

@@ -6,6 +6,7 @@ against SQLite and against PostgreSQL. Every check reads the database and the im
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -183,17 +184,20 @@ def test_malformed_corpus_keeps_memory_bounded(run_dir: Path, tmp_path: Path) ->
     assert current[-1] - current[1] < 60  # no climb once warm: nothing accumulates
 
 
-def test_metrics_sum_every_worker(run_dir: Path, tmp_path: Path) -> None:
+def test_metrics_and_logs_cover_every_worker(run_dir: Path, tmp_path: Path) -> None:
     """With two workers, each scrape of /metrics (served by either worker) counts every
-    prediction, whichever worker made it."""
+    prediction, whichever worker made it; and every request has its JSON access-log line on
+    stderr, with its request id, whichever worker served it."""
     url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
     port = free_port()
-    with server(url, run_dir, tmp_path / "var", port, workers=2) as (key, _):
+    log = tmp_path / "serve.log"
+    with server(url, run_dir, tmp_path / "var", port, workers=2, log=log) as (key, _):
         base = f"http://127.0.0.1:{port}"
-        for i in range(12):  # a new connection each time: the kernel spreads them over workers
+        ids = [f"line-{i}" for i in range(12)]
+        for i, rid in enumerate(ids):  # a new connection each time: spread over the workers
             r = httpx.post(
                 f"{base}/predict",
-                headers={"X-API-Key": key},
+                headers={"X-API-Key": key, "X-Request-ID": rid},
                 files=[("files", (f"{i}.png", png_bytes(i)))],
                 timeout=30,
             )
@@ -206,6 +210,18 @@ def test_metrics_sum_every_worker(run_dir: Path, tmp_path: Path) -> None:
                 if line.startswith("maxmin_predictions_total{") and 'model="baseline"' in line
             ]
             assert sum(counts) == 12, text
+        deadline = time.monotonic() + 10  # each worker's logging thread writes the lines
+        while True:
+            lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+            access = {e["request_id"]: e for e in lines if e["logger"] == "maxmin_inspect.access"}
+            if set(ids) <= set(access) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert set(ids) <= set(access), sorted(access)
+        for rid in ids:
+            entry = access[rid]
+            assert (entry["route"], entry["status"], entry["level"]) == ("/predict", 200, "INFO")
+            assert entry["ms"] > 0 and entry["process"] > 0
 
 
 @pytest.mark.parametrize("setting", ["true", "false", "auto"])

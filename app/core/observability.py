@@ -8,11 +8,17 @@ mode (PROMETHEUS_MULTIPROC_DIR) and /metrics sums every worker's counts.
 from __future__ import annotations
 
 import contextvars
+import copy
 import json
 import logging
+import logging.config
+import queue
 import re
+import sys
 import time
 import uuid
+from logging.handlers import QueueHandler, QueueListener
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.datastructures import Headers, MutableHeaders
@@ -113,6 +119,7 @@ class JsonFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             "level": record.levelname,
             "logger": record.name,
+            "process": record.process,  # which worker, when there are several
             "request_id": request_id_var.get(),
             "message": record.getMessage(),
         }
@@ -122,14 +129,45 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class JsonLinesHandler(QueueHandler):
+    """JSON lines on stderr, written by a thread of this process. The line is formatted where the
+    record is made (it carries that task's request id); only the write leaves the event loop, so a
+    slow reader of stderr (a full pipe to a log collector) holds up no request. The queue has no
+    bound: lines wait in memory rather than stall the service. Closing drains it."""
+
+    def __init__(self) -> None:
+        super().__init__(queue.SimpleQueue())
+        self.setFormatter(JsonFormatter())
+        listener = QueueListener(self.queue, logging.StreamHandler(sys.stderr))
+        listener.start()
+        self._listener: QueueListener | None = listener
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:  # logging closes handlers more than once
+            listener.stop()
+        super().close()
+
+
+def log_config(level: str = "INFO") -> dict[str, Any]:
+    """uvicorn's own logging set-up plus the service's JSON lines, as one ``dictConfig``. uvicorn
+    applies it in every worker process it starts (each a fresh interpreter), so each worker writes
+    its access log, not only the process that ran ``serve``."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["maxmin_json"] = {"()": JsonLinesHandler}
+    config["loggers"]["maxmin_inspect"] = {
+        "handlers": ["maxmin_json"],
+        "level": level,
+        "propagate": False,
+    }
+    return config
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """JSON lines on stderr for the service's loggers."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("maxmin_inspect")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    """JSON lines on stderr for the service's loggers, in this process."""
+    logging.config.dictConfig(log_config(level))
 
 
 class ObserveMiddleware(HTTPMiddleware):
