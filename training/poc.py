@@ -30,9 +30,9 @@ from training.report import write_html
 
 REPORT_VERSION = 2
 BASELINE = "baseline"
-# The recipes every model is offered, the first being the fixed recipe of --no-search. Each is
-# trained on the first seed for the first third of the full schedule; the best of each optimizer
-# then trains on to the end, and the better of those full runs wins (docs/training.md).
+# The recipes every model is offered, the first being the fixed recipe of --no-search, which
+# trains in full on the first seed; each other one trains for the first third of the schedule, the
+# best of them trains on to the end, and the better of the two full runs wins (docs/training.md).
 SEARCH_GRID: tuple[tuple[str, float], ...] = (
     ("sgd", 0.05),
     ("sgd", 0.015),
@@ -360,10 +360,11 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
             "enabled": cfg.search,
             "grid": [{"optimizer": o, "lr": lr} for o, lr in grid],
             "epochs": search_epochs if cfg.search else 0,
-            # The best trial of each optimizer, carried on to the whole budget.
+            # The best other trial, carried on to the whole budget against the fixed recipe's run.
             "final_epochs": cfg.train.epochs if cfg.search else 0,
             "seed": seeds[0] if seeds else 0,
-            # Each model's first seed once more without augmentation, for the whole budget.
+            # Each model's first seed under the fixed recipe, with and without augmentation, for the
+            # whole budget, before the search.
             "augment_check": check_augment,
             # The decision on augmentation, from every model's pair: the same for every model.
             "augmentation": augmentation,
