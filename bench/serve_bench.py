@@ -125,7 +125,9 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
     (``service-serial-models``), or with a challenger run (a copy of the served one, so the same
     compute) classifying every image in shadow (``service-shadow``), or running the run's ONNX
     forms in ONNX Runtime (``service-onnx-fp32``, ``service-onnx-int8``: `maxmin-inspect compress`
-    first; ``service-onnx-pruned-int8``: `compress --prune` first)."""
+    first; ``service-onnx-pruned-int8``: `compress --prune` first), or those forms run in the web
+    process instead of a model process of its own (``service-in-process-onnx-int8``,
+    ``service-in-process-onnx-pruned-int8``)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _port()
         svc_env = {
@@ -141,9 +143,13 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
         svc_env.pop("MAXMIN_PARALLEL_MODELS", None)
         svc_env.pop("MAXMIN_RUNTIME", None)
         svc_env.pop("MAXMIN_MODEL_FORM", None)
-        if side.startswith("service-onnx-"):
+        svc_env.pop("MAXMIN_MODEL_PROCESS", None)
+        form = side.removeprefix("service-in-process")
+        if form != side:
+            svc_env["MAXMIN_MODEL_PROCESS"] = "false"
+        if form.startswith("-onnx-") or side.startswith("service-onnx-"):
             svc_env["MAXMIN_RUNTIME"] = "onnxruntime"
-            svc_env["MAXMIN_MODEL_FORM"] = side.removeprefix("service-onnx-")
+            svc_env["MAXMIN_MODEL_FORM"] = side.rsplit("onnx-", 1)[1]
         if side in ("service-shared", "service-per-worker"):
             svc_env["MAXMIN_SHARED_MODELS"] = "true" if side == "service-shared" else "false"
         if side in ("service-writer-process", "service-writer-thread"):
@@ -188,6 +194,8 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             "service-onnx-fp32": "ours-o32",
             "service-onnx-int8": "ours-o8",
             "service-onnx-pruned-int8": "ours-p8",
+            "service-in-process-onnx-int8": "ours-io8",
+            "service-in-process-onnx-pruned-int8": "ours-ip8",
         }[side]
         return _measure(name, serve, svc_env, port, args, "/readyz", load_env)
 
@@ -225,6 +233,8 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
         "service-onnx-fp32",
         "service-onnx-int8",
         "service-onnx-pruned-int8",
+        "service-in-process-onnx-int8",
+        "service-in-process-onnx-pruned-int8",
     ):
         if side in args.sides:
             sides[side] = _measure_service(side, args, env)
@@ -274,7 +284,9 @@ def main() -> None:
         "each worker), service-file-sync (a sync per new image file, MAXMIN_IMAGE_SYNC=file), "
         "service-serial-models (the A/B models one after the other, MAXMIN_PARALLEL_MODELS=false), "
         "service-shadow (a challenger classifying every image in shadow), service-onnx-fp32 and "
-        "service-onnx-int8, service-onnx-pruned-int8 (the run's ONNX forms in ONNX Runtime)",
+        "service-onnx-int8, service-onnx-pruned-int8 (the run's ONNX forms in ONNX Runtime), "
+        "service-in-process-onnx-int8 and service-in-process-onnx-pruned-int8 (the same, in the "
+        "web process: MAXMIN_MODEL_PROCESS=false)",
     )
     args = parser.parse_args()
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
