@@ -64,6 +64,15 @@ def _wait_for_run(client: TestClient, run_dir: Path, timeout: float = 60) -> dic
         time.sleep(0.1)
 
 
+def _wait_for_answers(answers: list, timeout_s: float = 60) -> None:
+    """Until the line has had two answers more: the second was asked after the switch, so it
+    comes from the run now served, however slow a loaded machine makes each request."""
+    want, deadline = len(answers) + 2, time.monotonic() + timeout_s
+    while len(answers) < want:
+        assert time.monotonic() < deadline, "the line got no answers after the switch"
+        time.sleep(0.05)
+
+
 def test_a_chosen_run_replaces_the_served_one_while_requests_go_on(
     db_url: str, runs: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -95,13 +104,13 @@ def test_a_chosen_run_replaces_the_served_one_while_requests_go_on(
             assert client.get("/readyz").json()["run"] == str(runs["a"])
             assert client.post(f"/reports/{b_id}/serve").status_code == 202  # chosen: served
             _wait_for_run(client, runs["b"])
-            time.sleep(0.5)
+            _wait_for_answers(answers)
             served = {r["id"]: r["serving"] for r in client.get("/reports").json()["data"]}
             assert served == {a_id: False, b_id: True}
             r = client.post(f"/reports/{a_id}/serve")  # an admin goes back to A
             assert r.status_code == 202, r.text
             _wait_for_run(client, runs["a"])
-            time.sleep(0.5)
+            _wait_for_answers(answers)
         finally:
             stop.set()
             worker.join()
