@@ -144,12 +144,12 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
         svc_env.pop("MAXMIN_RUNTIME", None)
         svc_env.pop("MAXMIN_MODEL_FORM", None)
         svc_env.pop("MAXMIN_MODEL_PROCESS", None)
-        form = side.removeprefix("service-in-process")
-        if form != side:
+        if side.startswith("service-in-process-"):
             svc_env["MAXMIN_MODEL_PROCESS"] = "false"
-        if form.startswith("-onnx-") or side.startswith("service-onnx-"):
+        onnx = side.replace("service-in-process-", "service-", 1)
+        if onnx.startswith("service-onnx-"):
             svc_env["MAXMIN_RUNTIME"] = "onnxruntime"
-            svc_env["MAXMIN_MODEL_FORM"] = side.rsplit("onnx-", 1)[1]
+            svc_env["MAXMIN_MODEL_FORM"] = onnx.removeprefix("service-onnx-")
         if side in ("service-shared", "service-per-worker"):
             svc_env["MAXMIN_SHARED_MODELS"] = "true" if side == "service-shared" else "false"
         if side in ("service-writer-process", "service-writer-thread"):

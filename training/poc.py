@@ -245,7 +245,7 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
                 arch, grid, first, base, run, at_rung, took, start, advance, count
             )
             recipes[arch] = recipe
-            if check_augment:
+            if augmentation is not None:  # checked: this model's own pair, for the report
                 check = _augment_check(
                     [incumbents[arch]["with"][0]],
                     [incumbents[arch]["without"][0]],
@@ -254,7 +254,6 @@ def run_poc(cfg: PocConfig, on_progress: Callable[..., None] | None = None) -> P
                     k,
                 )
                 check["seconds"] = round(incumbents[arch]["without"][2], 3)
-                assert augmentation is not None
                 check.update(
                     model_kept=check["kept"],
                     kept=augmentation["kept"],
