@@ -33,7 +33,12 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     )
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     s.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
-    s.add_argument("--workers", type=positive_int, default=1, help="processes (default: 1)")
+    s.add_argument(
+        "--workers",
+        type=worker_count,
+        default="auto",
+        help=f"web processes; auto (the default): one per usable core, at most {MAX_AUTO_WORKERS}",
+    )
 
     k = sub.add_parser(
         "keys",
@@ -235,6 +240,27 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each worker holds its own models (on the CPU) and decoding budget: past a few, more cost memory
+# and gain little, since they share the cores with the models.
+MAX_AUTO_WORKERS = 4
+
+
+def worker_count(text: str) -> int:
+    """``--workers``: a whole number, or ``auto`` for one web process per usable core (at most
+    ``MAX_AUTO_WORKERS``): one process's event loop and interpreter lock cannot keep two cores
+    busy with requests (``bench/serve_bench.py --workers``)."""
+    if text.strip().lower() == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, MAX_AUTO_WORKERS))
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; give a number of workers or auto") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from app.core.config import Settings
 
@@ -252,9 +278,28 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     import uvicorn
 
+    from app.core import listener
     from app.core.db import upgrade
     from app.core.observability import configure_logging, log_config
 
+    server_args = dict(
+        app="app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="info",
+        log_config=log_config(),  # applied in each worker: their JSON access logs
+        access_log=False,  # the service logs each request itself, as JSON with its request id
+    )
+    # Several workers: a listening socket each where the kernel balances them (app/core/listener).
+    own_sockets = args.workers > 1 and listener.supported(args.host, args.port)
+    if own_sockets:
+        try:
+            listener.check_free(args.host, args.port)
+        except OSError as exc:
+            print(f"cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+            return 1
     configure_logging()
     upgrade(settings.db_url)  # the explicit start-up migration; the app itself only checks
     _first_admin_key(settings)
@@ -266,16 +311,10 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_level="info",
-            log_config=log_config(),  # applied in each worker: their JSON access logs
-            access_log=False,  # the service logs each request itself, as JSON with its request id
-        )
+        if own_sockets:
+            listener.run_workers(uvicorn.Config(**server_args), args.workers)
+        else:
+            uvicorn.run(**server_args)
     finally:
         if host is not None:
             host.close()

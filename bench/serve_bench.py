@@ -3,7 +3,7 @@
 Starts each server in its own process on loopback, drives it with bench/load.py (another process)
 at each concurrency, stops it, and prints one JSON summary. This service stores every image and
 prediction (SQLite in a fresh temporary folder); the plain endpoint stores nothing.
-Usage: python bench/serve_bench.py RUN_DIR IMAGES_DIR [--seconds 15] [--workers 1] [--device cpu]
+Usage: python bench/serve_bench.py RUN_DIR IMAGES_DIR [--seconds 15] [--workers auto] [--device cpu]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _measure(
         proc.wait(timeout=30)
 
 
-def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dict]:
+def _measure_service(side: str, args: argparse.Namespace, env: dict, workers: str) -> list[dict]:
     """This service in a fresh data folder (SQLite), with its default settings (``service``), or
     with one model process shared by all workers (``service-shared``) or one per worker
     (``service-per-worker``) whatever the device, or with the database writer as a process of its
@@ -181,7 +181,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
         )
         load_env = {**env, "MAXMIN_API_KEY": made.stdout.strip().splitlines()[-1]}
         serve = [sys.executable, "-m", "maxmin_inspect", "serve", "--port", str(port)]
-        serve += ["--workers", str(args.workers)]
+        serve += ["--workers", workers]
         name = {
             "service": "ours",
             "service-shared": "ours-s",
@@ -196,8 +196,25 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict) -> list[dic
             "service-onnx-pruned-int8": "ours-p8",
             "service-in-process-onnx-int8": "ours-io8",
             "service-in-process-onnx-pruned-int8": "ours-ip8",
-        }[side]
+        }[side] + ("" if workers == args.workers else f"@{workers}")
         return _measure(name, serve, svc_env, port, args, "/readyz", load_env)
+
+
+SERVICE_SIDES = (
+    "service",
+    "service-shared",
+    "service-per-worker",
+    "service-writer-process",
+    "service-writer-thread",
+    "service-file-sync",
+    "service-serial-models",
+    "service-shadow",
+    "service-onnx-fp32",
+    "service-onnx-int8",
+    "service-onnx-pruned-int8",
+    "service-in-process-onnx-int8",
+    "service-in-process-onnx-pruned-int8",
+)
 
 
 def _one_run(args: argparse.Namespace, env: dict) -> dict:
@@ -221,23 +238,10 @@ def _one_run(args: argparse.Namespace, env: dict) -> dict:
             args,
             "/docs",
         )
-    for side in (
-        "service",
-        "service-shared",
-        "service-per-worker",
-        "service-writer-process",
-        "service-writer-thread",
-        "service-file-sync",
-        "service-serial-models",
-        "service-shadow",
-        "service-onnx-fp32",
-        "service-onnx-int8",
-        "service-onnx-pruned-int8",
-        "service-in-process-onnx-int8",
-        "service-in-process-onnx-pruned-int8",
-    ):
-        if side in args.sides:
-            sides[side] = _measure_service(side, args, env)
+    for side in args.sides:
+        if side != "plain":
+            base, _, workers = side.partition("@")
+            sides[side] = _measure_service(base, args, env, workers or args.workers)
     return sides
 
 
@@ -265,7 +269,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--max-requests", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--workers", type=int, default=1, help="this service's uvicorn workers")
+    parser.add_argument(
+        "--workers",
+        default="auto",
+        help="this service's web processes (serve --workers; default: auto, as the service); a "
+        "side named SIDE@N runs with N instead",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--client-procs", type=int, default=1, help="load generator processes")
     parser.add_argument("--repeats", type=int, default=1, help="runs; the summary takes medians")
@@ -290,6 +299,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    for side in args.sides:
+        if side != "plain" and side.partition("@")[0] not in SERVICE_SIDES:
+            parser.error(f"unknown side {side!r}")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),

@@ -234,12 +234,13 @@ def server(
     run_dir: Path | None,
     data_dir: Path,
     port: int,
-    workers: int = 1,
+    workers: int | None = 1,
     env: dict[str, str] | None = None,
     log: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """A running `maxmin-inspect serve`; yields an admin key for it. With ``run_dir`` None it
-    serves the registered runs (and follows a change of them). ``log``: a file for its stderr."""
+    serves the registered runs (and follows a change of them). ``workers`` None: serve's own
+    default. ``log``: a file for its stderr."""
     from app.core.db import upgrade
 
     upgrade(db_url)
@@ -254,7 +255,7 @@ def _serve(
     run_dir: Path | None,
     data_dir: Path,
     port: int,
-    workers: int = 1,
+    workers: int | None = 1,
     extra_env: dict[str, str] | None = None,
     log: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
@@ -277,8 +278,7 @@ def _serve(
             "serve",
             "--port",
             str(port),
-            "--workers",
-            str(workers),
+            *(["--workers", str(workers)] if workers is not None else []),
         ],
         env=env,
         cwd=ROOT,
@@ -286,7 +286,7 @@ def _serve(
         stderr=stderr,
     )
     try:
-        wait_until_ready(f"http://127.0.0.1:{port}", proc, 60 * workers)
+        wait_until_ready(f"http://127.0.0.1:{port}", proc, 60 * (workers or 4))
         yield proc
     finally:
         if proc.poll() is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -262,6 +263,101 @@ def test_workers_share_one_model_process(
                 for name, answer in seen[0].items():
                     assert other[name]["label"] == answer["label"]
                     assert other[name]["confidence"] == pytest.approx(answer["confidence"])
+
+
+def test_worker_count_auto_is_one_per_usable_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve --workers auto`` (the default): one web process per core the service may use, at
+    most MAX_AUTO_WORKERS; a number is taken as given; anything else is refused, naming auto."""
+    import argparse
+
+    from app.cli import MAX_AUTO_WORKERS, worker_count
+
+    for cores, expected in ((1, 1), (2, 2), (3, 3), (64, MAX_AUTO_WORKERS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert worker_count("auto") == expected
+        assert worker_count(" AUTO ") == expected
+    assert worker_count("3") == 3
+    for bad in ("0", "-1", "two", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="auto"):
+            worker_count(bad)
+
+
+def test_serve_starts_a_worker_per_core_by_default(run_dir: Path, tmp_path: Path) -> None:
+    """Started without --workers, the service runs one web process per usable core, each with
+    its own model process on the CPU, and answers."""
+    from app.cli import MAX_AUTO_WORKERS
+
+    cores = min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS)
+    url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
+    port = free_port()
+    with server(url, run_dir, tmp_path / "var", port, workers=None) as (key, proc):
+        spawned = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())
+        ]
+        direct = [p for p in spawned if p.ppid() == proc.pid]
+        nested = [p for p in spawned if p.ppid() != proc.pid]
+        # One worker: serve itself is the web process, its model process a direct child.
+        assert (len(direct), len(nested)) == ((cores, cores) if cores > 1 else (1, 0))
+        for i in range(4):
+            r = httpx.post(  # a new connection each time: spread over the workers
+                f"http://127.0.0.1:{port}/predict",
+                headers={"X-API-Key": key},
+                files=[("files", (f"{i}.png", png_bytes(i % 2)))],
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            assert set(r.json()["data"][0]["results"]) == {"baseline", "maxmin"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing: Linux")
+def test_workers_share_persistent_connections(run_dir: Path, tmp_path: Path) -> None:
+    """Connections opened at once, as a line system's or a load generator's, spread over the
+    workers: each worker listens on a socket of its own, and the kernel balances them (with one
+    shared socket, one worker often took every connection while the other idled)."""
+    import socket
+
+    url = f"sqlite:///{tmp_path / 'var' / 'maxmin.db'}"
+    port = free_port()
+    with server(url, run_dir, tmp_path / "var", port, workers=2) as (_, proc):
+        workers = [
+            p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2
+        deadline = time.monotonic() + 60  # ready is one worker ready; each listens once ready
+        while True:
+            listening = {
+                w.pid: [c for c in w.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+                for w in workers
+            }
+            if all(listening.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert all(len(socks) == 1 for socks in listening.values()), listening
+        # Sockets of their own, not one inherited from the parent: two different sockets.
+        inodes = {os.readlink(f"/proc/{pid}/fd/{s[0].fd}") for pid, s in listening.items()}
+        assert len(inodes) == 2, inodes
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(32)]
+        try:
+            for c in conns:  # answered: accepted by a worker, and kept open
+                c.sendall(b"GET /healthz HTTP/1.1\r\nHost: line\r\n\r\n")
+            for c in conns:
+                assert c.recv(4096).startswith(b"HTTP/1.1 200")
+            held = {
+                w.pid: sum(
+                    1
+                    for c in w.net_connections("tcp")
+                    if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+                )
+                for w in workers
+            }
+        finally:
+            for c in conns:
+                c.close()
+        assert sum(held.values()) == 32, held
+        # An even share on average; fewer than 4 of 32 happens by chance about once in 10^6.
+        assert min(held.values()) >= 4, held
 
 
 def test_readiness_follows_the_shared_model_process(

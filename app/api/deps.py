@@ -19,15 +19,17 @@ def get_db(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_settings_dep(request: Request) -> Settings:
+# These dependencies only read the app's state: ``async def`` keeps them on the event loop, where a
+# plain ``def`` would send each of them through the thread pool on every request.
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> ImageStore:
+async def get_store(request: Request) -> ImageStore:
     return request.app.state.store
 
 
-def get_classifier(request: Request) -> ServedRun:
+async def get_classifier(request: Request) -> ServedRun:
     classifier = request.app.state.models.classifier
     if classifier is None:
         # Only the shared model process being restarted passes in moments: say when to retry.
