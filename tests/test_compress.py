@@ -108,6 +108,48 @@ def test_service_serves_a_compressed_form(
             assert abs(sum(results[name]["probabilities"].values()) - 1) < 1e-3
         page = client.get("/dashboard")
         assert page.status_code == 200 and f"onnxruntime {form}" in page.text
+        # What the run's study found for this form, per model, beside it.
+        study = json.loads((run / "report.json").read_text())["compression"]
+        shown = page.text.split('id="form-study">', 1)[1].split("</span>", 1)[0]
+        assert f"({study['test_images']} test images)" in shown
+        for name in NAMES:
+            found = study["models"][name]["forms"][f"onnx-{form}" if form == "int8" else form]
+            assert (
+                f"{name} {found['macro_f1_change'] * 100:+.1f} points of macro F1 "
+                f"(McNemar p = {found['mcnemar_vs_fp32']['p_value']:.2f})"
+            ) in shown
+
+
+def test_a_form_the_study_found_worse_is_flagged(
+    compressed_run: Path, tmp_path: Path, service_client
+) -> None:
+    """A form that lost answers against fp32 in the study (a drop with McNemar p < 0.05) is still
+    served, as chosen, but the dashboard says so; a loss the test cannot call reliable, or fp32
+    PyTorch itself, carries no flag."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(compressed_run, run)
+    report = json.loads((run / "report.json").read_text())
+    worse = report["compression"]["models"]["maxmin"]["forms"]["onnx-int8"]
+    worse["macro_f1_change"], worse["mcnemar_vs_fp32"]["p_value"] = -0.08, 0.01
+    unsure = report["compression"]["models"]["baseline"]["forms"]["onnx-int8"]
+    unsure["macro_f1_change"], unsure["mcnemar_vs_fp32"]["p_value"] = -0.08, 0.2
+    (run / "report.json").write_text(json.dumps(report))
+    served = Classifier(run, NAMES, "cpu", runtime="onnxruntime", form="int8")
+    assert served.form_study["models"]["maxmin"]["worse"]
+    assert not served.form_study["models"]["baseline"]["worse"]
+    assert Classifier(run, NAMES, "cpu").form_study is None  # fp32 PyTorch: the reference
+    with service_client(run, runtime="onnxruntime", model_form="int8") as client:
+        page = client.get("/dashboard").text
+        assert "maxmin -8.0 points of macro F1 (McNemar p = 0.01)" in page
+        assert "answered reliably worse than fp32" in page
+    report["compression"]["models"]["maxmin"]["forms"]["onnx-int8"]["mcnemar_vs_fp32"][
+        "p_value"
+    ] = 0.2
+    (run / "report.json").write_text(json.dumps(report))
+    with service_client(run, runtime="onnxruntime", model_form="int8") as client:
+        assert "answered reliably worse" not in client.get("/dashboard").text
 
 
 def test_service_without_forms_says_what_to_run(trained_run: Path, service_client) -> None:

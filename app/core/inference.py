@@ -64,6 +64,13 @@ FORMAT_TYPES = {
 
 
 SERVABLE = (("torch", "fp32"), *(("onnxruntime", form) for form in onnxform.FORMS))
+# Each servable form's name in the report's compression study (fp32 PyTorch is its reference).
+STUDY_FORMS = {
+    ("onnxruntime", "fp32"): "onnx-fp32",
+    ("onnxruntime", "int8"): "onnx-int8",
+    ("onnxruntime", "pruned-fp32"): "pruned-fp32",
+    ("onnxruntime", "pruned-int8"): "pruned-int8",
+}
 
 
 class ServedRun:
@@ -124,6 +131,7 @@ class ServedRun:
                 f"`maxmin-inspect compress {self.run_dir} --prune 0.5` again"
             ) from None
         self.good_class: str | None = (report.get("metric") or {}).get("good_class")
+        self.form_study = self._form_study(report, names, runtime, form)
         self.run_name = self.run_dir.name
         self.batcher = None  # the micro-batcher feeding these models, set by the service
 
@@ -139,6 +147,27 @@ class ServedRun:
             name: (report["models"][name].get("operating_point") or {}).get("threshold")
             for name in names
         }
+
+    @staticmethod
+    def _form_study(report: dict, names: list[str], runtime: str, form: str) -> dict | None:
+        """What the run's compression study found for the served form against fp32 PyTorch, on
+        its test images: per model the macro F1 change, McNemar's p, and whether the form answered
+        reliably worse (a loss with p < 0.05). None for fp32 PyTorch (the reference) or a run
+        without the study of this form."""
+        key = STUDY_FORMS.get((runtime, form))
+        study = report.get("compression") or {}
+        if key is None or key not in study.get("forms", []):
+            return None
+        models = {}
+        for name in names:
+            found = study["models"][name]["forms"][key]
+            change, p = found["macro_f1_change"], found["mcnemar_vs_fp32"]["p_value"]
+            models[name] = {
+                "macro_f1_change": change,
+                "p_value": p,
+                "worse": change < 0 and p < 0.05,
+            }
+        return {"test_images": study.get("test_images"), "models": models}
 
     def refresh_thresholds(self) -> bool:
         """Read the thresholds again when ``report.json`` has changed (a new target, see

@@ -283,6 +283,20 @@ class ServedModels:
             "serving" if self.role == "champion" else "in shadow",
             run_dir,
         )
+        worse = [
+            f"{name} ({m['macro_f1_change'] * 100:+.1f} points of macro F1, McNemar p = "
+            f"{m['p_value']:.3f})"
+            for name, m in ((classifier.form_study or {}).get("models") or {}).items()
+            if m["worse"]
+        ]
+        if worse:
+            log.warning(
+                "the %s form answered reliably worse than fp32 in %s's compression study: %s; "
+                "serve another form (MAXMIN_MODEL_FORM) unless that loss is acceptable",
+                classifier.form,
+                run_dir,
+                ", ".join(worse),
+            )
         self._keep_serving(run_dir)
         return True
 

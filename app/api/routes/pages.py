@@ -176,6 +176,7 @@ def dashboard_page(request: Request, session: SessionDep) -> Response:
             "runs": runs,
             "serving_dir": str(classifier.run_dir.resolve()) if classifier else None,
             "served_form": f"{classifier.runtime} {classifier.form}" if classifier else None,
+            "form_study": classifier.form_study if classifier else None,
             "pinned": request.app.state.settings.run_dir is not None,
             "stats": stats,
             "disagreements": [to_public(p) for p in disagreements],
