@@ -150,6 +150,9 @@ def test_a_form_the_study_found_worse_is_flagged(
     (run / "report.json").write_text(json.dumps(report))
     with service_client(run, runtime="onnxruntime", model_form="int8") as client:
         assert "answered reliably worse" not in client.get("/dashboard").text
+    del report["compression"]["models"]["maxmin"]["forms"]["onnx-int8"]["mcnemar_vs_fp32"]
+    (run / "report.json").write_text(json.dumps(report))  # a study without it: served, no line
+    assert Classifier(run, NAMES, "cpu", runtime="onnxruntime", form="int8").form_study is None
 
 
 def test_service_without_forms_says_what_to_run(trained_run: Path, service_client) -> None:

@@ -160,8 +160,11 @@ class ServedRun:
             return None
         models = {}
         for name in names:
-            found = study["models"][name]["forms"][key]
-            change, p = found["macro_f1_change"], found["mcnemar_vs_fp32"]["p_value"]
+            try:
+                found = study["models"][name]["forms"][key]
+                change, p = found["macro_f1_change"], found["mcnemar_vs_fp32"]["p_value"]
+            except (KeyError, TypeError):  # a study made before this model or form: say nothing
+                return None
             models[name] = {
                 "macro_f1_change": change,
                 "p_value": p,
