@@ -293,7 +293,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,  # the service logs each request itself, as JSON with its request id
     )
     # Several workers: a listening socket each where the kernel balances them (app/core/listener).
-    own_sockets = args.workers > 1 and listener.supported(args.host, args.port)
+    own_sockets = args.workers > 1 and listener.supported(args.port)
     if own_sockets:
         try:
             listener.check_free(args.host, args.port)

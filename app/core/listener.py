@@ -25,9 +25,9 @@ from collections.abc import Callable
 STARTUP_FAILURE = 3
 
 
-def supported(host: str, port: int) -> bool:
+def supported(port: int) -> bool:
     """Whether workers can have sockets of their own here: Linux (where the kernel balances such
-    sockets; elsewhere it may give one of them every connection), a TCP address, a fixed port."""
+    sockets; elsewhere it may give one of them every connection) and a fixed port."""
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT") and port != 0
 
 
