@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -478,6 +479,51 @@ def test_json_log_lines_carry_the_request_id() -> None:
     finally:
         request_id_var.reset(token)
     assert line["request_id"] == "abc123" and line["message"] == "GET /x" and line["status"] == 200
+
+
+def test_json_log_lines_are_all_written_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The logging thread writes every line, each thread's in the order made, a warning without
+    waiting for the next round, and what still waits when the handler closes."""
+    import io
+    import json
+    import logging
+    import threading
+
+    from app.core.observability import JsonLinesHandler
+
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    handler = JsonLinesHandler()
+    handler.FLUSH_SECONDS = 60  # only a warning, or closing, writes in this test
+    logger = logging.getLogger("maxmin_inspect.test_lines")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+
+        def burst(k: int) -> None:
+            for i in range(500):
+                logger.info("line %d %d", k, i, extra={"fields": {"k": k, "i": i}})
+
+        threads = [threading.Thread(target=burst, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        logger.warning("a warning")
+        deadline = time.monotonic() + 10
+        while "a warning" not in err.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "a warning" in err.getvalue()  # written though the round is a minute away
+        logger.info("the last line")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    lines = [json.loads(x) for x in err.getvalue().splitlines()]
+    assert lines[-1]["message"] == "the last line"  # closing wrote what waited
+    for k in range(4):
+        assert [e["i"] for e in lines if e.get("k") == k] == list(range(500))
+    handler.close()  # logging closes handlers more than once
 
 
 @pytest.mark.parametrize("case", range(10))

@@ -7,17 +7,17 @@ mode (PROMETHEUS_MULTIPROC_DIR) and /metrics sums every worker's counts.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import copy
 import json
 import logging
 import logging.config
-import queue
 import re
 import sys
+import threading
 import time
 import uuid
-from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -129,23 +129,70 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class JsonLinesHandler(QueueHandler):
-    """JSON lines on stderr, written by a thread of this process. The line is formatted where the
-    record is made (it carries that task's request id); only the write leaves the event loop, so a
-    slow reader of stderr (a full pipe to a log collector) holds up no request. The queue has no
-    bound: lines wait in memory rather than stall the service. Closing drains it."""
+class JsonLinesHandler(logging.Handler):
+    """JSON lines on stderr, written by a thread of this process.
+
+    The line is formatted where the record is made (it carries that task's request id); only the
+    write leaves the event loop, so a slow reader of stderr (a full pipe to a log collector) holds
+    up no request. The thread writes the waiting lines together every ``FLUSH_SECONDS``, and at
+    once after a warning or worse: waking it for every access-log line cost each request a thread
+    switch (bench/serve_bench.py). Lines wait in memory without bound rather than stall the
+    service. Closing writes what waits."""
+
+    FLUSH_SECONDS = 0.05
 
     def __init__(self) -> None:
-        super().__init__(queue.SimpleQueue())
+        super().__init__()
         self.setFormatter(JsonFormatter())
-        listener = QueueListener(self.queue, logging.StreamHandler(sys.stderr))
-        listener.start()
-        self._listener: QueueListener | None = listener
+        self._lines: collections.deque[str] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: appending to a deque is atomic, and the thread alone writes.
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never fail the caller
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self._wake.set()
+
+    def flush(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.FLUSH_SECONDS)
+            self._wake.clear()
+            self._write()
+        self._write()
+
+    def _write(self) -> None:
+        lines = []
+        while self._lines:
+            lines.append(self._lines.popleft())
+        if not lines:
+            return
+        try:
+            sys.stderr.write("".join(lines))
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stderr closed or gone: nothing left to tell
+            pass
 
     def close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:  # logging closes handlers more than once
-            listener.stop()
+        if not self._stopping:  # logging closes handlers more than once
+            self._stopping = True
+            self._wake.set()
+            self._thread.join(timeout=5)
         super().close()
 
 
