@@ -88,3 +88,33 @@ def test_model_failure_reaches_every_waiting_request(classifier: Classifier) -> 
         assert batcher.submit(good).result(timeout=30).batch_size == 1
     finally:
         batcher.close()
+
+
+def test_a_pass_waits_for_images_being_decoded(classifier: Classifier) -> None:
+    """A request announced as decoding holds the pass (up to the decoding wait), so the two share
+    it; with nothing announced a pass starts at once, though the decoding wait is long."""
+    batcher = MicroBatcher(classifier, max_batch=64, max_wait_ms=0, decoding_wait_ms=20_000)
+    first, second = _images(classifier, 2)
+    try:
+        alone = batcher.submit(first).result(timeout=10)  # nothing on its way: no wait
+        assert alone.batch_size == 1
+        with batcher.coming():
+            waiting = batcher.submit(first)
+            threading.Event().wait(0.3)
+            assert not waiting.done()  # held for the image being decoded
+        together = batcher.submit(second).result(timeout=30)
+        assert waiting.result(timeout=30).batch_size == together.batch_size == 2
+    finally:
+        batcher.close()
+
+
+def test_a_decode_that_fails_holds_the_pass_no_longer_than_the_wait(
+    classifier: Classifier,
+) -> None:
+    batcher = MicroBatcher(classifier, max_batch=64, max_wait_ms=0, decoding_wait_ms=200)
+    try:
+        with batcher.coming():  # announced, never submitted: its decoding failed
+            waiting = batcher.submit(_images(classifier, 1)[0])
+        assert waiting.result(timeout=30).batch_size == 1
+    finally:
+        batcher.close()

@@ -3,7 +3,11 @@
 One worker thread feeds the models through a ``ModelRunner`` (in the service, usually
 ``ModelProcess``, which runs them in a process of their own). It takes the first waiting image,
 gathers whatever else arrives within ``max_wait_ms`` (up to ``max_batch`` images), runs both models
-once on the batch, and hands each request its rows. Small CNNs are bound by per-call overhead, so
+once on the batch, and hands each request its rows. While requests the caller has announced
+(``coming``: their images are being decoded) are still on their way, it waits for them up to
+``decoding_wait_ms``: under load a pass that left just before them would run the models again for
+one image, and the fixed cost of a pass is most of a small CNN's; with nothing on its way (one
+client) nothing waits. Small CNNs are bound by per-call overhead, so
 one batch of 32 costs far less than 32 single calls; and with one caller of torch there is no
 oversubscription of cores. The queue is bounded: when it is full, new work is refused at once (503)
 instead of piling up.
@@ -14,7 +18,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,10 +58,13 @@ class MicroBatcher:
         max_batch: int = 64,
         max_wait_ms: float = 2.0,
         max_queue: int = 512,
+        decoding_wait_ms: float = 0.0,
     ) -> None:
         self.classifier = classifier
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
+        self.decoding_wait = decoding_wait_ms / 1000
+        self._coming = 0  # announced requests not yet submitted (changed by one thread only)
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._lock = threading.Lock()
@@ -74,6 +83,16 @@ class MicroBatcher:
                 raise Overloaded("inference queue full, retry shortly") from None
         return job.future
 
+    @contextmanager
+    def coming(self) -> Iterator[None]:
+        """Announce a request whose images will be submitted when decoded (or never, if the
+        decoding fails). Call from one thread: the service's event loop."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
+
     def close(self) -> None:
         """Finish the work already queued, refuse new work, stop the thread."""
         with self._lock:
@@ -87,17 +106,22 @@ class MicroBatcher:
             if job is None:
                 return
             jobs, count = [job], len(job.arrays)
-            deadline = time.perf_counter() + self.max_wait
+            start = time.perf_counter()
+            deadline = start + self.max_wait
             while count < self.max_batch:
-                remaining = deadline - time.perf_counter()
                 try:
-                    nxt = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
+                    nxt = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    until = deadline
+                    if self._coming > 0:
+                        until = max(until, start + self.decoding_wait)
+                    remaining = until - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
                 if nxt is None:
                     self._queue.put(None)  # finish this batch, then stop
                     break

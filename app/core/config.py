@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     api_docs: bool = True  # /docs (Swagger UI, served locally); false hides it in production
     batch_max_size: int = 64  # images per pass through the models
     batch_wait_ms: float = 0.0  # extra wait for company; 0: batch whatever queued meanwhile
+    # The most a pass waits for requests this worker is decoding (none waits with nothing on its
+    # way): fewer, larger passes under load (app/core/batcher.py).
+    batch_decoding_wait_ms: float = 5.0
     queue_max: int = 512  # waiting requests before new ones get 503 (back-pressure)
 
     @field_validator("shared_models", "writer_process", "parallel_models", mode="before")

@@ -162,7 +162,11 @@ class ServedModels:
         """Serve ``classifier`` through ``runner`` from now on; returns what served before."""
         settings = self.settings
         batcher = MicroBatcher(
-            runner, settings.batch_max_size, settings.batch_wait_ms, settings.queue_max
+            runner,
+            settings.batch_max_size,
+            settings.batch_wait_ms,
+            settings.queue_max,
+            settings.batch_decoding_wait_ms,
         )
         classifier.batcher = batcher
         self.run_id = self._registered_id(classifier.run_dir)

@@ -352,9 +352,10 @@ async def create_prediction(
     t0 = time.perf_counter()
     uploads, source, part_id = await _read_uploads(request, settings)
     t1 = time.perf_counter()
-    decoded = await _decode_in_pool(request, classifier, uploads, settings)
-    t2 = time.perf_counter()
     batcher = classifier.batcher  # these models' own: a switch of runs cannot mix them up
+    with batcher.coming():  # a pass about to start waits a moment for these images
+        decoded = await _decode_in_pool(request, classifier, uploads, settings)
+    t2 = time.perf_counter()
     arrays = np.stack([d.array for d in decoded])
     # The challenger's pass, when there is one, runs beside the champion's; the answer waits for
     # both.
