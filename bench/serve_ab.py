@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
+from serve_bench import _port, _tree_cpu, line_key  # this folder: the script's own
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,37 +40,11 @@ def _env(spec: str) -> dict[str, str]:
     return pairs
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tree_cpu(pid: int) -> float:
-    root = psutil.Process(pid)
-    total = 0.0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def _start(name: str, tree: Path, env: dict, data: Path) -> dict:
     port = _port()
     # The tree's own code first: a worktree of another commit runs as that commit.
     env = {**env, "MAXMIN_DATA_DIR": str(data), "PYTHONPATH": str(tree)}
-    made = subprocess.run(
-        [sys.executable, "-m", "maxmin_inspect", "keys", "create", "--role", "line"]
-        + ["--name", "bench"],
-        env=env,
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    key = line_key(env, tree)  # before the server: the command sets up the database
     log = open(data / "serve.log", "w")  # noqa: SIM115 - open while the server runs
     proc = subprocess.Popen(
         [sys.executable, "-m", "maxmin_inspect", "serve", "--port", str(port)],
@@ -80,7 +53,6 @@ def _start(name: str, tree: Path, env: dict, data: Path) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
-    key = made.stdout.strip().splitlines()[-1]
     return {"name": name, "port": port, "key": key, "proc": proc, "log": log, "rounds": []}
 
 

@@ -45,6 +45,21 @@ def _wait(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     raise SystemExit(f"server at {url} did not start")
 
 
+def line_key(env: dict, cwd: Path) -> str:
+    """A new line key in the service's database, as a line system would send: the access check
+    is part of the cost."""
+    made = subprocess.run(
+        [sys.executable, "-m", "maxmin_inspect", "keys", "create", "--role", "line"]
+        + ["--name", "bench"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return made.stdout.strip().splitlines()[-1]
+
+
 def _tree_cpu(pid: int) -> float:
     """User + system CPU seconds of a process and all its descendants."""
     total = 0.0
@@ -169,17 +184,7 @@ def _measure_service(side: str, args: argparse.Namespace, env: dict, workers: st
                     check=True,
                     capture_output=True,
                 )
-        # A line key, as a line system would send: the access check is part of the cost.
-        made = subprocess.run(
-            [sys.executable, "-m", "maxmin_inspect", "keys", "create", "--role", "line"]
-            + ["--name", "bench"],
-            env=svc_env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        load_env = {**env, "MAXMIN_API_KEY": made.stdout.strip().splitlines()[-1]}
+        load_env = {**env, "MAXMIN_API_KEY": line_key(svc_env, ROOT)}
         serve = [sys.executable, "-m", "maxmin_inspect", "serve", "--port", str(port)]
         serve += ["--workers", workers]
         name = {
